@@ -83,8 +83,8 @@ class ClassTokenHead(nn.Module):
         self.pool = pool
         if pool == "attn":
             self.attn = nn.Linear(embed_dim, embed_dim)
-            self.weight = nn.Parameter(torch.ones(num_classes))
-            self.bias = nn.Parameter(torch.zeros(num_classes))
+            self.gamma = nn.Parameter(torch.ones(num_classes))
+            self.beta = nn.Parameter(torch.zeros(num_classes))
             trunc_normal_(self.attn.weight, std=0.02)
             nn.init.zeros_(self.attn.bias)
 
@@ -92,7 +92,7 @@ class ClassTokenHead(nn.Module):
         if self.pool == "gap":
             return z.mean(dim=-1)
         alpha = self.attn(z).softmax(dim=-1)
-        return self.weight * (alpha * z).sum(dim=-1) + self.bias
+        return self.gamma * (alpha * z).sum(dim=-1) + self.beta
 
 
 def _conv_bn_relu(dim: int) -> nn.Sequential:

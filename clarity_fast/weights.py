@@ -89,7 +89,10 @@ def convert_to_clarity(state_dict: Dict[str, torch.Tensor], model: Clarity) -> D
     target = model.state_dict()
     is_clarity = any(k.startswith("segmentcam.") for k in sd) or (
         "cls_token" in sd and sd["cls_token"].shape[1] == model.num_classes and model.num_classes > 1)
-    unexpected = [k for k in sd if k not in target and not (k.startswith(DROPPED_PREFIXES) and not is_clarity)]
+    num_reg = sd["reg_token"].shape[1] if "reg_token" in sd else 0
+    if not is_clarity:
+        sd = {k: v for k, v in sd.items() if not k.startswith(DROPPED_PREFIXES)}
+    unexpected = [k for k in sd if k not in target]
     missing = [k for k in target if _is_backbone_key(k) and k not in sd]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing keys {missing[:8]}"
@@ -108,7 +111,7 @@ def convert_to_clarity(state_dict: Dict[str, torch.Tensor], model: Clarity) -> D
                              f"num_classes={model.num_classes}; build the model with that many classes "
                              f"and call reset_classifier")
     else:
-        num_prefix = sd["cls_token"].shape[1] + (sd["reg_token"].shape[1] if "reg_token" in sd else 0)
+        num_prefix = sd["cls_token"].shape[1] + num_reg
         n = sd["pos_embed"].shape[1]
         if math.isqrt(n) ** 2 == n:  # no_embed_class: no position embedding for prefix tokens
             num_prefix = 0

@@ -1,0 +1,23 @@
+"""Test setup: the Triton interpreter must be enabled before any kernel module is imported."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_model(**kwargs):
+    """A small CLARiTy model for fast CPU tests (D = 48, depth 4, 3 heads, 64 x 64 images)."""
+    from clarity_fast import Clarity
+    args = dict(img_size=64, patch_size=16, num_classes=5, embed_dim=48, depth=4, num_heads=3,
+                num_map_layers=2, num_oct_layers=2)
+    args.update(kwargs)
+    return Clarity(**args)
