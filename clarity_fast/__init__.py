@@ -18,8 +18,9 @@ if _ilu.find_spec(__name__ + ".kernels") is None:
 from . import kernels  # noqa: E402
 from .clarity import Clarity, ClarityOutput, clarity_s16_224, clarity_s16_512  # noqa: E402
 from .losses import ClarityLoss, LossOutput  # noqa: E402
+from .timm_patch import attention_maps, patch_timm  # noqa: E402
 from .weights import create_model, from_timm, load_pretrained  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Clarity", "ClarityOutput", "ClarityLoss", "LossOutput", "create_model", "from_timm",
-           "load_pretrained", "kernels"]
+__all__ = ["Clarity", "ClarityOutput", "ClarityLoss", "LossOutput", "attention_maps", "create_model", "from_timm",
+           "load_pretrained", "kernels", "patch_timm"]

@@ -118,12 +118,17 @@ from ._dispatch import interpreter_enabled  # noqa: E402
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """Exact fp32/fp64 products (no TF32); fp16/bf16 use the default tensor-core path."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, s_b, s_h, s_n, o_b, o_h, o_n, l_bh, N, NH, scale,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     base = (bh // NH) * s_b + (bh % NH) * s_h
@@ -138,14 +143,14 @@ def _fwd_kernel(Q, K, V, O, LSE, s_b, s_h, s_n, o_b, o_h, o_n, l_bh, N, NH, scal
         cols = start + cols0
         kv_off = base + cols[:, None] * s_n + offs_d[None, :]
         k = tl.load(K + kv_off, mask=cols[:, None] < N, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee").to(ACC) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(ACC) * scale
         s = tl.where(cols[None, :] < N, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + kv_off, mask=cols[:, None] < N, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(ACC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(ACC)
         m_i = m_new
     acc = acc / l_i[:, None]
     o_base = (bh // NH) * o_b + (bh % NH) * o_h
@@ -156,7 +161,7 @@ def _fwd_kernel(Q, K, V, O, LSE, s_b, s_h, s_n, o_b, o_h, o_n, l_bh, N, NH, scal
 @triton.jit
 def _maps_kernel(Q, K, LSE, MAPS_IN, MAPS_OUT, s_b, s_h, s_n, l_bh, N, NH, C, scale, coef,
                  HAS_MAPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-                 ACC: tl.constexpr):
+                 ACC: tl.constexpr, PREC: tl.constexpr):
     pid_p = tl.program_id(0)
     b = tl.program_id(1)
     P = N - C
@@ -169,7 +174,7 @@ def _maps_kernel(Q, K, LSE, MAPS_IN, MAPS_OUT, s_b, s_h, s_n, l_bh, N, NH, C, sc
         q = tl.load(Q + base + crow[:, None] * s_n + offs_d[None, :], mask=crow[:, None] < C, other=0.0)
         k = tl.load(K + base + (C + pcol)[:, None] * s_n + offs_d[None, :], mask=pcol[:, None] < P, other=0.0)
         lse = tl.load(LSE + (b * NH + h) * l_bh + crow, mask=crow < C, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee").to(ACC) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(ACC) * scale
         total += tl.exp(s - lse[:, None])
     out_mask = (crow[:, None] < C) & (pcol[None, :] < P)
     offs = b * C * P + crow[:, None] * P + pcol[None, :]
@@ -191,7 +196,7 @@ def _map_grad(DMAPS, b, rows, cols, C, N, coef):
 @triton.jit
 def _bwd_preprocess(Q, K, O, DO, LSE, DELTA, DMAPS, s_b, s_h, s_n, o_b, o_h, o_n, l_bh, N, NH, C, scale, coef,
                     HAS_DMAPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+                    BLOCK_N: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // NH
@@ -209,7 +214,7 @@ def _bwd_preprocess(Q, K, O, DO, LSE, DELTA, DMAPS, s_b, s_h, s_n, o_b, o_h, o_n
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 k = tl.load(K + base + cols[:, None] * s_n + offs_d[None, :], mask=cols[:, None] < N, other=0.0)
-                p = tl.exp(tl.dot(q, tl.trans(k), input_precision="ieee").to(ACC) * scale - lse[:, None])
+                p = tl.exp(tl.dot(q, tl.trans(k), input_precision=PREC).to(ACC) * scale - lse[:, None])
                 delta += tl.sum(p * _map_grad(DMAPS, b, rows, cols, C, N, coef), 1)
     tl.store(DELTA + bh * l_bh + rows, delta, mask=rows < N)
 
@@ -217,7 +222,7 @@ def _bwd_preprocess(Q, K, O, DO, LSE, DELTA, DMAPS, s_b, s_h, s_n, o_b, o_h, o_n
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMAPS, DK, DV, s_b, s_h, s_n, o_b, o_h, o_n, l_bh, g_b, g_h, g_n,
                      N, NH, C, scale, coef, HAS_DMAPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+                     BLOCK_N: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // NH
@@ -236,16 +241,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMAPS, DK, DV, s_b, s_h, s_n, o_b,
         do = tl.load(DO + o_base + rows[:, None] * o_n + offs_d[None, :], mask=rows[:, None] < N, other=0.0)
         lse = tl.load(LSE + bh * l_bh + rows, mask=rows < N, other=0.0)
         delta = tl.load(DELTA + bh * l_bh + rows, mask=rows < N, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee").to(ACC) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(ACC) * scale
         valid = (rows[:, None] < N) & (cols[None, :] < N)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee").to(ACC)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee").to(ACC)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC).to(ACC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(ACC)
         if HAS_DMAPS:
             if start < C:
                 dp += _map_grad(DMAPS, b, rows, cols, C, N, coef)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee").to(ACC)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC).to(ACC)
     g_off = b * g_b + (bh % NH) * g_h + cols[:, None] * g_n + offs_d[None, :]
     tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=cols[:, None] < N)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=cols[:, None] < N)
@@ -254,7 +259,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMAPS, DK, DV, s_b, s_h, s_n, o_b,
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMAPS, DQ, s_b, s_h, s_n, o_b, o_h, o_n, l_bh, g_b, g_h, g_n,
                    N, NH, C, scale, coef, HAS_DMAPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+                   BLOCK_N: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // NH
@@ -273,26 +278,45 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMAPS, DQ, s_b, s_h, s_n, o_b, o_h, 
         kv_off = base + cols[:, None] * s_n + offs_d[None, :]
         k = tl.load(K + kv_off, mask=cols[:, None] < N, other=0.0)
         v = tl.load(V + kv_off, mask=cols[:, None] < N, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee").to(ACC) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(ACC) * scale
         valid = (rows[:, None] < N) & (cols[None, :] < N)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee").to(ACC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(ACC)
         if HAS_DMAPS:
             if pid_m * BLOCK_M < C:
                 dp += _map_grad(DMAPS, b, rows, cols, C, N, coef)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee").to(ACC)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC).to(ACC)
     g_off = b * g_b + (bh % NH) * g_h + rows[:, None] * g_n + offs_d[None, :]
     tl.store(DQ + g_off, (dq * scale).to(DQ.dtype.element_ty), mask=rows[:, None] < N)
 
 
-def _launch_config(head_dim: int) -> dict:
-    """Fixed tile sizes: small under the interpreter, tuned for ViT-S shapes on Ampere/Hopper otherwise."""
+# GPU: autotuned per (N, head_dim, dtype) over configurations that fit ViT-S shapes on Ampere and Hopper.
+# Interpreter: no autotune, one fixed small tile so that tests cross several block edges.
+_GPU_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                for m, n, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3))]
+_INTERPRETER_TILE = dict(BLOCK_M=16, BLOCK_N=16)
+_GPU_FIXED_TILE = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+
+
+def _autotuned(kernel):
+    return kernel if interpreter_enabled() else triton.autotune(_GPU_CONFIGS, key=["N", "HEAD_DIM"])(kernel)
+
+
+_fwd = _autotuned(_fwd_kernel)
+_bwd_dkdv = _autotuned(_bwd_dkdv_kernel)
+_bwd_dq = _autotuned(_bwd_dq_kernel)
+
+
+def _launch(kernel, block: str, N: int, BH: int, *args, **meta) -> None:
+    """Launch over ``(cdiv(N, meta[block]), BH)``; tiles come from autotune on GPU, fixed under the interpreter."""
     if interpreter_enabled():
-        return dict(BLOCK_M=16, BLOCK_N=16)
-    if head_dim <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        meta.update(_INTERPRETER_TILE)
+    kernel[lambda m: (triton.cdiv(N, m[block]), BH)](*args, **meta)
+
+
+def _fixed_tile() -> dict:
+    return dict(_INTERPRETER_TILE) if interpreter_enabled() else dict(_GPU_FIXED_TILE)
 
 
 def _bhn_strides(t: torch.Tensor):
@@ -327,21 +351,19 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_class_tokens:
     B, NH, N, D = q.shape
     C = num_class_tokens
     acc = maps_dtype(q.dtype)
-    cfg = _launch_config(D)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, NH, N), dtype=acc, device=q.device)
-    _fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * NH)](
-        q, k, v, out, lse, *_bhn_strides(q), *_bhn_strides(out), N, N, NH, scale,
-        HEAD_DIM=D, ACC=_TL_DTYPES[acc], **cfg)
+    _launch(_fwd, "BLOCK_M", N, B * NH, q, k, v, out, lse, *_bhn_strides(q), *_bhn_strides(out), N, N, NH, scale,
+            HEAD_DIM=D, ACC=_TL_DTYPES[acc], PREC=_dot_precision(q.dtype))
     maps_out = torch.empty((0,), dtype=acc, device=q.device)
     if with_maps:
         maps_out = torch.empty((B, C, N - C), dtype=acc, device=q.device)
-        block_c = max(16, triton.next_power_of_2(C))
-        block_n = cfg["BLOCK_N"]
-        _maps_kernel[(triton.cdiv(N - C, block_n), B)](
+        tile = _fixed_tile()
+        del tile["BLOCK_M"]
+        _maps_kernel[(triton.cdiv(N - C, tile["BLOCK_N"]), B)](
             q, k, lse, maps if maps is not None else maps_out, maps_out, *_bhn_strides(q), N, N, NH, C, scale,
-            map_weight / NH, HAS_MAPS=maps is not None, HEAD_DIM=D, BLOCK_C=block_c, BLOCK_N=block_n,
-            ACC=_TL_DTYPES[acc], **{k_: v_ for k_, v_ in cfg.items() if k_.startswith("num_")})
+            map_weight / NH, HAS_MAPS=maps is not None, HEAD_DIM=D, BLOCK_C=max(16, triton.next_power_of_2(C)),
+            ACC=_TL_DTYPES[acc], PREC=_dot_precision(q.dtype), **tile)
     return out, lse, maps_out
 
 
@@ -364,21 +386,21 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     B, NH, N, D = q.shape
     C = num_class_tokens
     acc = maps_dtype(q.dtype)
-    cfg = _launch_config(D)
     has_dmaps = dmaps is not None
     dmaps = dmaps.contiguous() if has_dmaps else lse  # any pointer; unused without dmaps
     coef = map_weight / NH
     delta = torch.empty_like(lse)
-    common = dict(HAS_DMAPS=has_dmaps, HEAD_DIM=D, ACC=_TL_DTYPES[acc], **cfg)
+    common = dict(HAS_DMAPS=has_dmaps, HEAD_DIM=D, ACC=_TL_DTYPES[acc], PREC=_dot_precision(q.dtype))
     strides = (*_bhn_strides(q), *_bhn_strides(dout), N)
-    _bwd_preprocess[(triton.cdiv(N, cfg["BLOCK_M"]), B * NH)](
-        q, k, out, dout, lse, delta, dmaps, *strides, N, NH, C, scale, coef, **common)
+    tile = _fixed_tile()
+    _bwd_preprocess[(triton.cdiv(N, tile["BLOCK_M"]), B * NH)](
+        q, k, out, dout, lse, delta, dmaps, *strides, N, NH, C, scale, coef, **common, **tile)
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     strides = (*strides, *_bhn_strides(dq))
-    _bwd_dkdv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), B * NH)](
-        q, k, v, dout, lse, delta, dmaps, dk, dv, *strides, N, NH, C, scale, coef, **common)
-    _bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * NH)](
-        q, k, v, dout, lse, delta, dmaps, dq, *strides, N, NH, C, scale, coef, **common)
+    _launch(_bwd_dkdv, "BLOCK_N", N, B * NH, q, k, v, dout, lse, delta, dmaps, dk, dv, *strides, N, NH, C, scale,
+            coef, **common)
+    _launch(_bwd_dq, "BLOCK_M", N, B * NH, q, k, v, dout, lse, delta, dmaps, dq, *strides, N, NH, C, scale, coef,
+            **common)
     return dq, dk, dv
 
 
