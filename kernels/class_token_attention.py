@@ -77,8 +77,9 @@ def class_token_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         return out, None
     C = num_class_tokens
     acc = maps_dtype(q.dtype)
-    logits = torch.matmul(q[:, :, :C].to(acc), k.to(acc).transpose(-2, -1)) * scale  # (B, nh, C, N)
-    new = logits.softmax(dim=-1)[..., C:].mean(dim=1) * map_weight  # (B, C, P)
+    with torch.autocast(q.device.type, enabled=False):  # the maps accumulate in fp32 under autocast too
+        logits = torch.matmul(q[:, :, :C].to(acc), k.to(acc).transpose(-2, -1)) * scale  # (B, nh, C, N)
+        new = logits.softmax(dim=-1)[..., C:].mean(dim=1) * map_weight  # (B, C, P)
     return out, new if maps is None else maps + new
 
 

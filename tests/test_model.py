@@ -173,3 +173,14 @@ def test_bad_images(shape, match):
 def test_bad_constructor_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_model(**kwargs)
+
+
+def test_bf16_autocast_keeps_maps_fp32():
+    model = tiny_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.forward_outputs(torch.randn(2, 3, 64, 64))
+        loss = ClarityLoss()(out, torch.ones(2, 5))
+    loss.total.backward()
+    assert out.maps.dtype == torch.float32
+    rows = out.maps.flatten(2).sum(-1)
+    assert (rows <= 1 + 1e-3).all() and torch.isfinite(loss.total)
