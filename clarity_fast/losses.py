@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .clarity import ClarityOutput
-from .kernels import segmentcam_losses_torch
+from .kernels import segmentcam_losses
 from .priors import distance_map
 
 OCT_MODES = ("oct", "cct")
@@ -53,12 +53,14 @@ class ClarityLoss(nn.Module):
     masks ``(B, C, h, w)`` anatomical priors at grid resolution (bool/uint8/float); dist
     ``(B, C, h, w)`` their distance maps (computed from masks when None); teacher_logits ``(B, C)``.
     Weights default to SPEC §3; ``oct_mode`` is ``"oct"`` or the ``"cct"`` ablation.
+    ``validate`` raises a ValueError on labels outside {0, 1} or non-finite heatmaps/scores
+    (a few bytes read back per step; turn it off once a pipeline is trusted).
     """
 
     def __init__(self, lambda_cls: float = 1.0, lambda_kd: float = 1.0, lambda_oct: float = 0.1,
                  lambda_prx: float = 0.5, lambda_cnf: float = 0.5, lambda_ac: float = 0.1,
                  lambda_bas: float = 0.5, oct_mode: str = "oct", kd_temperature: float = 1.0,
-                 eps: float = 1e-6) -> None:
+                 eps: float = 1e-6, validate: bool = True) -> None:
         super().__init__()
         if oct_mode not in OCT_MODES:
             raise ValueError(f"oct_mode must be one of {OCT_MODES}, got {oct_mode!r}")
@@ -69,6 +71,7 @@ class ClarityLoss(nn.Module):
         self.oct_mode = oct_mode
         self.kd_temperature = kd_temperature
         self.eps = eps
+        self.validate = validate
 
     def forward(self, out: ClarityOutput, targets: torch.Tensor, masks: Optional[torch.Tensor] = None,
                 dist: Optional[torch.Tensor] = None, teacher_logits: Optional[torch.Tensor] = None) -> LossOutput:
@@ -80,7 +83,8 @@ class ClarityLoss(nn.Module):
         if dist is not None and masks is None:
             raise ValueError("dist was given without masks; pass the masks it was computed from")
         y = targets.float()
-        torch._assert_async(((y == 0) | (y == 1)).all(), "targets must contain only 0 and 1")
+        if self.validate and out.heatmap is None and not ((y == 0) | (y == 1)).all():
+            raise ValueError("targets must contain only 0 and 1")
         zero = out.logits.new_zeros((), dtype=torch.float32)
         terms = dict.fromkeys(TERMS, zero)
         terms["cls"] = F.binary_cross_entropy_with_logits(out.logits_cls.float(), y)
@@ -96,7 +100,7 @@ class ClarityLoss(nn.Module):
             _check_map("dist", dist, out.heatmap.shape)
             if masks is not None and dist is None:
                 dist = distance_map(masks)
-            seg = segmentcam_losses_torch(out.heatmap.float(), out.scores.float(), y, masks, dist, self.eps)
+            seg = segmentcam_losses(out.heatmap, out.scores, y, masks, dist, eps=self.eps, validate=self.validate)
             terms.update(prx=seg.prx, cnf=seg.cnf, ac=seg.ac, bas=seg.bas)
         total = sum(self.weights[k] * v for k, v in terms.items())
         return LossOutput(total=total, terms=terms)

@@ -14,6 +14,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Every torch.empty / empty_like made during the test is NaN-filled (float) or -1 (int), so an
+    output element a kernel forgets to write cannot pass."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+
+
 def tiny_model(**kwargs):
     """A small CLARiTy model for fast CPU tests (D = 48, depth 4, 3 heads, 64 x 64 images)."""
     from clarity_fast import Clarity

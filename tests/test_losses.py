@@ -130,5 +130,9 @@ def test_bad_loss_inputs(kwargs, match):
 
 
 def test_labels_outside_01_rejected():
-    with pytest.raises(RuntimeError, match="only 0 and 1"):
+    with pytest.raises(ValueError, match="only 0 and 1"):
         ClarityLoss()(_output(), torch.full((2, 3), 0.5))
+    out = _output()
+    out.heatmap = None
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        ClarityLoss()(out, torch.full((2, 3), 2.0))
