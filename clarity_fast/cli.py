@@ -1,56 +1,266 @@
-"""The ``clarity-fast`` command line."""
+"""The ``clarity-fast`` command line: demo, train, eval, predict, prepare, masks, teacher-logits.
+
+Mistakes in what a user typed (missing data, bad config keys, unreadable images) end with one
+clear line on stderr and exit code 2, not a traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
-from typing import List, Optional
+from pathlib import Path
+from typing import List, Optional, Tuple
 
 import torch
 
-def _demo(args: argparse.Namespace) -> None:
-    """Build a CLARiTy model, run one forward and backward on a random image, print the maps."""
+from .pathologies import CLASS_NAMES
 
-    from . import ClarityLoss, create_model
-    from .flops import count_macs
+# The main job on a CPU: a small CLARiTy on 128 px phantoms (8 px patches -> 16 x 16 maps).
+DEMO_CPU = dict(model="clarity_s16_224", num_train=2400, num_val=400, epochs=6, batch_size=32, lr=1e-3,
+                warmup_epochs=0.5, layer_decay=1.0, drop_path=0.0, output_dir="runs/demo",
+                model_args=dict(img_size=128, patch_size=8, embed_dim=96, depth=6, num_heads=3,
+                                num_map_layers=4, num_oct_layers=4, in_chans=1))
+# On a GPU: the real CLARiTy-S-16-224 configuration on 224 px phantoms.
+DEMO_GPU = dict(model="clarity_s16_224", num_train=8000, num_val=1000, epochs=8, batch_size=64, lr=5e-4,
+                warmup_epochs=1, layer_decay=1.0, output_dir="runs/demo", model_args=dict(in_chans=1))
 
-    model = create_model(args.model, pretrained=args.pretrained)
-    side = model.patch_embed.img_size[0]
-    n_params = sum(p.numel() for p in model.parameters())
-    macs = count_macs(model, tuple(model.patch_embed.img_size))
-    print(f"{args.model}: {n_params / 1e6:.2f} M parameters, {macs['total'] / 1e9:.2f} G MACs per image, "
-          f"{model.num_classes} class tokens, grid {tuple(model.grid_size)}")
-    x = torch.randn(args.batch_size, model.in_chans, side, side)
+
+class UserError(Exception):
+    """A mistake in the command line or the data: reported as one line."""
+
+
+def model_geometry(cfg) -> Tuple[int, int]:
+    """(img_size, patch_size) of the configured model."""
+    import timm
+    img = cfg.model_args.get("img_size")
+    if img is None:
+        img = timm.models.get_pretrained_cfg(cfg.model).input_size[-1]
+    return int(img), int(cfg.model_args.get("patch_size", 16))
+
+
+def build_datasets(cfg, progress: bool = True):
+    """(train, evaluation) data sets for ``cfg``: phantom (made in memory) or NIH (from the cache)."""
+    img, patch = model_geometry(cfg)
+    if cfg.dataset == "phantom":
+        from .data import InMemoryDataset
+        from .phantom import PhantomDataset
+        train = InMemoryDataset(PhantomDataset(cfg.num_train, img, patch, seed=cfg.seed), progress,
+                                "generating phantoms")
+        test = InMemoryDataset(PhantomDataset(cfg.num_val, img, patch, seed=cfg.seed + 1), progress,
+                               "generating test phantoms")
+        return train, test
+    from .nih import NIHCacheDataset
+    if not cfg.cache_dir:
+        raise UserError("dataset=nih needs cache_dir=<folder made by 'clarity-fast prepare'>")
+    return (NIHCacheDataset(cfg.cache_dir, "train", patch_size=patch),
+            NIHCacheDataset(cfg.cache_dir, "test", patch_size=patch))
+
+
+def _load_teacher(path: Optional[str]):
+    if not path:
+        return None
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    return dict(zip(data["ids"], data["logits"].float()))
+
+
+def _train_and_report(cfg, resume: bool, progress: bool = True) -> dict:
+    from .evaluation import evaluate_model
+    from .training import Trainer
+    train_set, test_set = build_datasets(cfg, progress)
+    trainer = Trainer(cfg, train_set, teacher=_load_teacher(cfg.teacher_logits), progress=progress)
+    if resume:
+        trainer.resume()
     t0 = time.perf_counter()
-    out = model.forward_outputs(x)
-    loss = ClarityLoss()(out, torch.randint(0, 2, out.logits.shape).float())
-    loss.total.backward()
-    print(f"forward + backward on {args.batch_size} random image(s): {time.perf_counter() - t0:.2f} s")
-    for name in ("logits", "maps", "heatmap", "scores", "loc_map", "class_states"):
-        t = getattr(out, name)
-        print(f"  {name:13s} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}")
-    print("  loss terms:   " + ", ".join(f"{k}={v.item():.4f}" for k, v in loss.terms.items()))
-    rows = out.maps.flatten(2).sum(-1)
-    print(f"  class-to-patch map row sums in [{rows.min().item():.3f}, {rows.max().item():.3f}] (<= 1)")
+    trainer.fit()
+    minutes = (time.perf_counter() - t0) / 60
+    if trainer.rank != 0:
+        return {}
+    out_dir = Path(cfg.output_dir) / "eval"
+    report = evaluate_model(trainer.eval_model(), test_set, CLASS_NAMES, out_dir, device=trainer.device,
+                            progress=progress)
+    report["train_minutes"] = minutes
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    _print_summary(report, out_dir)
+    return report
+
+
+def _print_summary(report: dict, out_dir: Path) -> None:
+    cls = report["classification"]
+    print(f"\nMacro AUC: {cls['macro_auc']:.3f}")
+    loc, rnd = report.get("localization"), report.get("random_baseline")
+    if loc:
+        print("IoU accuracy (macro over classes)   " + "  ".join(f"T={t}" for t in loc["macro"]))
+        print("  CLARiTy maps                      " + "  ".join(f"{v:.3f}" for v in loc["macro"].values()))
+        print("  random maps (baseline)            " + "  ".join(f"{v:.3f}" for v in rnd["macro"].values()))
+        print(f"mean IoU accuracy: {loc['mean_iou_accuracy']:.3f} (random {rnd['mean_iou_accuracy']:.3f}); "
+              f"at T=0.3: {loc['macro']['0.3']:.3f} vs {rnd['macro']['0.3']:.3f} "
+              f"({loc['macro']['0.3'] / max(rnd['macro']['0.3'], 1e-9):.1f}x)")
+    print(f"report: {out_dir / 'report.md'}, overlays: {out_dir / 'overlays.png'}")
+
+
+def cmd_demo(args) -> None:
+    from .training import load_config, TrainConfig
+    preset = DEMO_GPU if torch.cuda.is_available() and not args.cpu else DEMO_CPU
+    cfg = load_config(None, args.set, base=TrainConfig(**preset))
+    print(f"clarity-fast demo: training {cfg.model} {cfg.model_args} on {cfg.num_train} phantom images "
+          f"({'CUDA' if torch.cuda.is_available() and not args.cpu else 'CPU'}), then evaluating on {cfg.num_val}")
+    if args.cpu:
+        cfg.device = "cpu"
+    _train_and_report(cfg, resume=False)
+
+
+def cmd_train(args) -> None:
+    from .training import load_config
+    _init_distributed()
+    cfg = load_config(args.config, args.set)
+    _train_and_report(cfg, resume=args.resume)
+
+
+def _init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _load_model(checkpoint: str, config: Optional[str], sets: List[str]):
+    from .training import load_config, load_model_weights
+    from .weights import create_model
+    path = Path(checkpoint)
+    if config is None and path.is_dir() and (path / "config.yaml").exists():
+        config = str(path / "config.yaml")
+    cfg = load_config(config, sets)
+    model = create_model(cfg.model, **cfg.model_args)
+    return load_model_weights(model, path).eval(), cfg
+
+
+def cmd_eval(args) -> None:
+    from .evaluation import evaluate_model
+    model, cfg = _load_model(args.checkpoint, args.config, args.set)
+    _, test_set = build_datasets(cfg)
+    out_dir = Path(args.output or Path(args.checkpoint) / "eval")
+    report = evaluate_model(model, test_set, CLASS_NAMES, out_dir)
+    _print_summary(report, out_dir)
+
+
+def cmd_predict(args) -> None:
+    from .predict import predict_files
+    model, _ = _load_model(args.checkpoint, args.config, args.set)
+    results = predict_files(model, args.images, args.output, threshold=args.threshold)
+    for r in results:
+        top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[:3]
+        print(f"{r['image']}: " + ", ".join(f"{k} {v:.2f}" for k, v in top) + f" -> {r['overlay']}")
+
+
+def cmd_prepare(args) -> None:
+    from .nih import prepare
+    summary = prepare(args.data_dir, args.cache_dir, size=args.size, workers=args.workers)
+    print(f"cached {summary['cached']} images into {summary['cache']}; {len(summary['unreadable'])} unreadable "
+          f"(listed in unreadable.txt), {summary['missing']} listed in the CSV but not in images/")
+
+
+def cmd_masks(args) -> None:
+    from .nih import compute_masks, load_chestx_det
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    summary = compute_masks(args.cache_dir, load_chestx_det(args.weights), patch_size=args.patch_size,
+                            batch_size=args.batch_size, device=device)
+    print(f"anatomical priors for {summary['images']} images at grid {summary['grid']} in {args.cache_dir}")
+
+
+@torch.no_grad()
+def cmd_teacher_logits(args) -> None:
+    import timm
+
+    from .data import collate, normalize
+    from .training import load_config
+    cfg = load_config(args.config, args.set)
+    train_set, _ = build_datasets(cfg)
+    teacher = timm.create_model(args.model, pretrained=False, num_classes=len(CLASS_NAMES))
+    if args.checkpoint:
+        timm.models.load_checkpoint(teacher, args.checkpoint)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher = teacher.to(device).eval()
+    in_chans = teacher.default_cfg.get("input_size", (3,))[0] if hasattr(teacher, "default_cfg") else 3
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, collate_fn=collate)
+    ids, logits = [], []
+    from tqdm.auto import tqdm
+    for batch in tqdm(loader, desc="teacher logits"):
+        logits.append(teacher(normalize(batch["image"].to(device), in_chans)).float().cpu())
+        ids += batch["id"]
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"ids": ids, "logits": torch.cat(logits), "model": args.model}, args.output)
+    print(f"{len(ids)} teacher logits from {args.model} -> {args.output} (use teacher_logits={args.output})")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clarity-fast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="clarity-fast", description="CLARiTy: train, evaluate and run.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build a CLARiTy model and run it once on a random image")
-    demo.add_argument("--model", default="clarity_s16_224", help="registered model name (default: %(default)s)")
-    demo.add_argument("--pretrained", default=None, help="local DINO / timm / CLARiTy checkpoint file")
-    demo.add_argument("--batch-size", type=int, default=1)
-    demo.set_defaults(func=_demo)
+    sets = dict(action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+
+    p = sub.add_parser("demo", help="train a small CLARiTy on built-in phantom data, then evaluate it")
+    p.add_argument("--set", **sets)
+    p.add_argument("--cpu", action="store_true", help="use the CPU preset even when CUDA is available")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train from a YAML config (torchrun for several GPUs)")
+    p.add_argument("--config", help="YAML file of TrainConfig keys")
+    p.add_argument("--set", **sets)
+    p.add_argument("--resume", action="store_true", help="continue exactly from the run's latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run (classification AUC and localization IoU accuracy)")
+    p.add_argument("checkpoint", help="run folder, checkpoint folder or weights file")
+    p.add_argument("--config", help="YAML config (default: the run folder's config.yaml)")
+    p.add_argument("--set", **sets)
+    p.add_argument("--output", help="report folder (default: <checkpoint>/eval)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="image files -> PNG overlays and a JSON of probabilities and boxes")
+    p.add_argument("checkpoint", help="run folder, checkpoint folder or weights file")
+    p.add_argument("images", nargs="+", help="PNG/JPEG chest X-rays")
+    p.add_argument("--output", default="predictions", help="output folder (default: %(default)s)")
+    p.add_argument("--config", help="YAML config (default: the run folder's config.yaml)")
+    p.add_argument("--set", **sets)
+    p.add_argument("--threshold", type=float, default=0.5, help="ξ for the box of each finding")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("prepare", help="resize NIH ChestX-ray14 once into a uint8 memory-mapped cache")
+    p.add_argument("data_dir", help="folder with images/*.png, train_val_list.txt and test_list.txt")
+    p.add_argument("cache_dir", help="cache folder to create or resume")
+    p.add_argument("--size", type=int, default=512, help="training image size (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=4, help="decoding threads (default: %(default)s)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("masks", help="anatomical priors from torchxrayvision's ChestX-Det PSPNet, once per image")
+    p.add_argument("cache_dir", help="a cache made by 'prepare'")
+    p.add_argument("--weights", help="local pspnet_chestxray_best_model_4.pth (default: torchxrayvision's cache)")
+    p.add_argument("--patch-size", type=int, default=16, help="model patch size: masks are stored per patch")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.set_defaults(func=cmd_masks)
+
+    p = sub.add_parser("teacher-logits", help="store a timm teacher's logits for distillation (L_KD)")
+    p.add_argument("--model", default="convnextv2_base", help="timm model name (default: %(default)s)")
+    p.add_argument("--checkpoint", help="local weights of the teacher, fine-tuned for the 14 classes")
+    p.add_argument("--config", help="YAML config naming the data set")
+    p.add_argument("--set", **sets)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--output", default="teacher_logits.pt")
+    p.set_defaults(func=cmd_teacher_logits)
     return parser
+
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (UserError, ValueError, FileNotFoundError) as e:
         print(f"clarity-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -174,3 +174,65 @@ def write_report(report: Dict, out_dir: Union[str, Path]) -> Tuple[Path, Path]:
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(markdown_report(report))
     return out_dir / "report.json", out_dir / "report.md"
+
+
+@torch.no_grad()
+def run_model(model: torch.nn.Module, dataset, batch_size: int = 32, device: Union[str, torch.device] = "cpu",
+              num_workers: int = 0, progress: bool = True) -> Dict:
+    """Inference over ``dataset``: ``probs`` and ``labels`` (N, C) arrays, ``ids``, localization maps Ξ
+    ``{id: (C, h, w)}`` and :class:`BoxRecord` s for the images that have boxes, and their images."""
+    from tqdm.auto import tqdm
+
+    from .data import collate, normalize
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         collate_fn=collate)
+    probs, labels, ids, maps, records, images = [], [], [], {}, [], {}
+    amp = torch.device(device).type == "cuda"
+    for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
+        x = normalize(batch["image"].to(device), model.in_chans)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = model.forward_outputs(x)
+        probs.append(out.logits.float().sigmoid().cpu())
+        labels.append(batch["labels"])
+        ids += batch["id"]
+        size = tuple(batch["image"].shape[-2:])
+        for i, boxes in enumerate(batch["boxes"]):
+            if len(boxes):
+                key = batch["id"][i]
+                maps[key] = out.loc_map[i].float().cpu()
+                images[key] = batch["image"][i]
+                records += [BoxRecord(key, batch["patient"][i], int(b[0]), tuple(b[1:].tolist()), size)
+                            for b in boxes]
+    model.train(was_training)
+    return dict(probs=torch.cat(probs).numpy(), labels=torch.cat(labels).numpy(), ids=ids, maps=maps,
+                records=records, images=images)
+
+
+def evaluate_model(model: torch.nn.Module, dataset, classes: Sequence[str], out_dir: Union[str, Path, None] = None,
+                   batch_size: int = 32, device: Union[str, torch.device] = "cpu", num_overlays: int = 8,
+                   seed: int = 0, progress: bool = True) -> Dict:
+    """Classification and localization report of ``model`` on ``dataset`` with the random-map baseline;
+    with ``out_dir``: report.json, report.md and PNG overlays of the first box images."""
+    from .viz import overlay, tile
+    res = run_model(model, dataset, batch_size, device, progress=progress)
+    report = {"classification": classification_report(res["probs"], res["labels"], classes)}
+    if res["records"]:
+        report["localization"] = localization_report(res["records"], res["maps"], classes, seed=seed)
+        report["random_baseline"] = localization_report(res["records"], random_maps(res["maps"], seed), classes,
+                                                        seed=seed)
+    if out_dir is not None:
+        write_report(report, out_dir)
+        loc = report.get("localization")
+        pictures = []
+        for r in res["records"][:num_overlays]:
+            name = classes[r.class_index]
+            xi = loc["folds"][0]["xi"].get(name, loc["folds"][1]["xi"].get(name, 0.5)) if loc else 0.5
+            heat = res["maps"][r.image_id][r.class_index]
+            pred = box_from_map(heat, r.image_size, xi)
+            pictures.append(overlay(res["images"][r.image_id], heat, [pred] if pred else [], [r.box],
+                                    title=f"{name} IoU={iou(pred, r.box):.2f}"))
+        if pictures:
+            tile(pictures, min(4, len(pictures))).save(Path(out_dir) / "overlays.png")
+    return report
