@@ -18,7 +18,7 @@ import torch
 from .pathologies import CLASS_NAMES
 
 # The main job on a CPU: a small CLARiTy on 128 px phantoms (8 px patches -> 16 x 16 maps).
-DEMO_CPU = dict(model="clarity_s16_224", num_train=2400, num_val=400, epochs=6, batch_size=32, lr=1e-3,
+DEMO_CPU = dict(model="clarity_s16_224", num_train=4000, num_val=400, epochs=6, batch_size=32, lr=1.5e-3,
                 warmup_epochs=0.5, layer_decay=1.0, drop_path=0.0, output_dir="runs/demo",
                 model_args=dict(img_size=128, patch_size=8, embed_dim=96, depth=6, num_heads=3,
                                 num_map_layers=4, num_oct_layers=4, in_chans=1))
@@ -195,6 +195,13 @@ def cmd_teacher_logits(args) -> None:
     print(f"{len(ids)} teacher logits from {args.model} -> {args.output} (use teacher_logits={args.output})")
 
 
+def cmd_phantom(args) -> None:
+    from .phantom import PhantomDataset
+    from .viz import contact_sheet
+    path = contact_sheet(PhantomDataset(args.count, args.size, seed=args.seed), args.output, args.count, args.columns)
+    print(f"{args.count} phantom images with their boxes and priors -> {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clarity-fast", description="CLARiTy: train, evaluate and run.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -226,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", **sets)
     p.add_argument("--threshold", type=float, default=0.5, help="ξ for the box of each finding")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("phantom", help="a PNG contact sheet of the built-in phantom data set")
+    p.add_argument("--output", default="phantom_contact_sheet.png")
+    p.add_argument("--count", type=int, default=16)
+    p.add_argument("--columns", type=int, default=4)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_phantom)
 
     p = sub.add_parser("prepare", help="resize NIH ChestX-ray14 once into a uint8 memory-mapped cache")
     p.add_argument("data_dir", help="folder with images/*.png, train_val_list.txt and test_list.txt")

@@ -177,6 +177,8 @@ def latest_checkpoint(run_dir: Union[str, Path]) -> Path:
 def load_model_weights(model: torch.nn.Module, path: Union[str, Path]) -> torch.nn.Module:
     """Load a run folder (its latest checkpoint), a checkpoint folder or a .safetensors/.pth file."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path} (expected a run folder, a checkpoint folder or a weights file)")
     if path.is_dir():
         path = (latest_checkpoint(path) if (path / LATEST).exists() else path) / "model.safetensors"
     if path.suffix == ".safetensors":
@@ -313,8 +315,11 @@ class Trainer:
         while self.batch_index < total:
             epoch, first = divmod(self.batch_index, self.batches_per_epoch)
             batches = self.epoch_batches(epoch)[first:]
+            # the loader's own generator: making an iterator must not consume the global RNG (drop-path),
+            # or a resumed run would diverge from an uninterrupted one
             loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=batches, collate_fn=collate,
-                                                 num_workers=cfg.num_workers)
+                                                 num_workers=cfg.num_workers,
+                                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
             for batch in loader:
                 terms = self._train_batch(batch, amp)
                 self.batch_index += 1
