@@ -22,5 +22,5 @@ from .timm_patch import attention_maps, patch_timm  # noqa: E402
 from .weights import create_model, from_timm, load_pretrained  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Clarity", "ClarityOutput", "ClarityLoss", "LossOutput", "attention_maps", "create_model", "from_timm",
-           "load_pretrained", "kernels", "patch_timm"]
+__all__ = ["Clarity", "ClarityOutput", "ClarityLoss", "LossOutput", "attention_maps", "clarity_s16_224",
+           "clarity_s16_512", "create_model", "from_timm", "load_pretrained", "kernels", "patch_timm"]

@@ -40,21 +40,22 @@ def model_geometry(cfg) -> Tuple[int, int]:
     return int(img), int(cfg.model_args.get("patch_size", 16))
 
 
-def build_datasets(cfg, progress: bool = True):
-    """(train, evaluation) data sets for ``cfg``: phantom (made in memory) or NIH (from the cache)."""
+def build_datasets(cfg, progress: bool = True, train: bool = True):
+    """(train, evaluation) data sets for ``cfg``: phantom (made in memory) or NIH (from the cache).
+    With ``train=False`` the first is None."""
     img, patch = model_geometry(cfg)
     if cfg.dataset == "phantom":
         from .data import InMemoryDataset
         from .phantom import PhantomDataset
-        train = InMemoryDataset(PhantomDataset(cfg.num_train, img, patch, seed=cfg.seed), progress,
-                                "generating phantoms")
+        train_set = InMemoryDataset(PhantomDataset(cfg.num_train, img, patch, seed=cfg.seed), progress,
+                                    "generating phantoms") if train else None
         test = InMemoryDataset(PhantomDataset(cfg.num_val, img, patch, seed=cfg.seed + 1), progress,
                                "generating test phantoms")
-        return train, test
+        return train_set, test
     from .nih import NIHCacheDataset
     if not cfg.cache_dir:
         raise UserError("dataset=nih needs cache_dir=<folder made by 'clarity-fast prepare'>")
-    return (NIHCacheDataset(cfg.cache_dir, "train", patch_size=patch),
+    return (NIHCacheDataset(cfg.cache_dir, "train", patch_size=patch) if train else None,
             NIHCacheDataset(cfg.cache_dir, "test", patch_size=patch))
 
 
@@ -140,7 +141,7 @@ def _load_model(checkpoint: str, config: Optional[str], sets: List[str]):
 def cmd_eval(args) -> None:
     from .evaluation import evaluate_model
     model, cfg = _load_model(args.checkpoint, args.config, args.set)
-    _, test_set = build_datasets(cfg)
+    _, test_set = build_datasets(cfg, train=False)
     out_dir = Path(args.output or Path(args.checkpoint) / "eval")
     report = evaluate_model(model, test_set, CLASS_NAMES, out_dir)
     _print_summary(report, out_dir)

@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -162,7 +162,7 @@ def markdown_report(report: Dict) -> str:
                   "|---|" + "---|" * len(ts)]
         lines += [f"| {c} | " + " | ".join(f"{a[t]:.3f}" for t in ts) + " |" for c, a in loc["accuracy"].items()]
         lines += ["| **Macro** | " + " | ".join(f"**{loc['macro'][t]:.3f}**" for t in ts) + " |",
-                  f"", f"mean IoU accuracy: {loc['mean_iou_accuracy']:.3f} "
+                  "", f"mean IoU accuracy: {loc['mean_iou_accuracy']:.3f} "
                        f"({loc['num_boxes']} boxes on {loc['num_images']} images)", ""]
     return "\n".join(lines)
 

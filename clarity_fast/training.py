@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import inspect
-import json
 import math
 import os
 import random
@@ -18,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -189,8 +188,8 @@ def load_model_weights(model: torch.nn.Module, path: Union[str, Path]) -> torch.
 
 # ------------------------------------------------------------------------------------------------ trainer
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":  # under torchrun, the device this process was given (torch.cuda.set_device)
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(name)
 
 

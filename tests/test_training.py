@@ -1,6 +1,5 @@
 """Training pipeline: config, loss decrease, exact resume, atomic checkpoints, DDP, predict, CLI errors."""
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +140,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     Trainer(cfg, InMemoryDataset(PhantomDataset(8, 64, 8), progress=False), progress=False).fit()
     assert cli.main(["predict", str(run), str(bad_img), "--output", str(tmp_path / "p")]) == 2
     assert "cannot read image" in capsys.readouterr().err
+
+
+def test_cli_train_then_eval_round_trip(tmp_path, capsys):
+    run = tmp_path / "cli_run"
+    args = ["train", "--set", "model_args={img_size: 64, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, "
+            "num_map_layers: 2, num_oct_layers: 2, in_chans: 1}", "--set", "num_train=16", "--set", "num_val=12",
+            "--set", "epochs=1", "--set", "batch_size=8", "--set", f"output_dir={run}", "--set", "device=cpu"]
+    assert cli.main(args) == 0
+    assert "Macro AUC" in capsys.readouterr().out
+    assert cli.main(["eval", str(run), "--output", str(tmp_path / "again")]) == 0
+    report = __import__("json").loads((tmp_path / "again" / "report.json").read_text())
+    assert set(report) >= {"classification", "localization", "random_baseline"}

@@ -7,7 +7,6 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-import clarity_fast
 from clarity_fast import create_model, from_timm
 
 
