@@ -1,7 +1,8 @@
-"""Test setup: the Triton interpreter must be enabled before any kernel module is imported."""
+"""Test setup: the Triton interpreter must be enabled before any kernel module is imported.
+(``benchmarks/gpu_check.sh`` sets TRITON_INTERPRET=0 so that tests/test_gpu.py runs compiled Triton.)"""
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -152,3 +152,38 @@ def test_cli_train_then_eval_round_trip(tmp_path, capsys):
     assert cli.main(["eval", str(run), "--output", str(tmp_path / "again")]) == 0
     report = __import__("json").loads((tmp_path / "again" / "report.json").read_text())
     assert set(report) >= {"classification", "localization", "random_baseline"}
+
+
+def test_teacher_logits_then_distillation(tmp_path, capsys):
+    import timm
+    teacher = timm.create_model("test_convnext", num_classes=14)
+    ckpt = tmp_path / "teacher.pth"
+    torch.save(teacher.state_dict(), ckpt)
+    data = ["--set", "model_args={img_size: 64, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, "
+            "num_map_layers: 2, num_oct_layers: 2, in_chans: 1}", "--set", "num_train=16", "--set", "num_val=8"]
+    out = tmp_path / "teacher_logits.pt"
+    assert cli.main(["teacher-logits", "--model", "test_convnext", "--checkpoint", str(ckpt), "--output", str(out),
+                     *data]) == 0
+    stored = torch.load(out)
+    assert len(stored["ids"]) == 16 and stored["logits"].shape == (16, 14)
+    run = tmp_path / "kd_run"
+    assert cli.main(["train", *data, "--set", f"teacher_logits={out}", "--set", "epochs=1", "--set", "batch_size=8",
+                     "--set", f"output_dir={run}", "--set", "device=cpu", "--set", "log_every=1"]) == 0
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert all(float(r["kd"]) > 0 for r in rows)
+
+
+def test_augmentation_moves_masks_with_images():
+    from clarity_fast.data import augment
+    B, S, g = 6, 64, 8
+    image = torch.zeros(B, 1, S, S)
+    image[:, :, 16:40, 8:32] = 1.0  # bright block = cells (2..4, 1..3)
+    masks = torch.zeros(B, 3, g, g, dtype=torch.bool)
+    masks[:, :, 2:5, 1:4] = True
+    batch = dict(image=image, masks=masks, dist=torch.zeros(B, 3, g, g), labels=torch.zeros(B, 3))
+    out = augment(batch, torch.Generator().manual_seed(0), brightness=0.0, contrast=0.0)
+    assert not torch.equal(out["image"], image)
+    cells = torch.nn.functional.avg_pool2d(out["image"], S // g)[:, 0] > 0.5  # bright cells after the transform
+    agree = (cells == out["masks"][:, 0]).float().mean()
+    assert agree > 0.9, agree
+    assert (out["dist"][out["masks"]] == 0).all() and (out["dist"][~out["masks"]] > 0).all()
