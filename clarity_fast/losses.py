@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .clarity import ClarityOutput
-from .kernels import segmentcam_losses
+from .kernels import SegmentCAMLosses, segmentcam_losses
 from .priors import distance_map
 
 OCT_MODES = ("oct", "cct")
@@ -32,6 +32,20 @@ def oct_loss(class_states: torch.Tensor, mode: str = "oct") -> torch.Tensor:
     off = ~torch.eye(C, dtype=torch.bool, device=gram.device)
     g = gram[..., off]
     return (g * g).mean() if mode == "oct" else g.mean()
+
+
+class SegmentCAMLoss(nn.Module):
+    """Thin module over :func:`clarity_fast.kernels.segmentcam_losses` (fused on CUDA):
+    ``forward(heatmap, scores, labels, masks=None, dist=None) -> SegmentCAMLosses``."""
+
+    def __init__(self, eps: float = 1e-6, from_logits: bool = False, validate: bool = True) -> None:
+        super().__init__()
+        self.eps, self.from_logits, self.validate = eps, from_logits, validate
+
+    def forward(self, heatmap: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+                masks: Optional[torch.Tensor] = None, dist: Optional[torch.Tensor] = None) -> SegmentCAMLosses:
+        return segmentcam_losses(heatmap, scores, labels, masks, dist, eps=self.eps, from_logits=self.from_logits,
+                                 validate=self.validate)
 
 
 @dataclass
@@ -70,8 +84,8 @@ class ClarityLoss(nn.Module):
                             ac=lambda_ac, bas=lambda_bas)
         self.oct_mode = oct_mode
         self.kd_temperature = kd_temperature
-        self.eps = eps
         self.validate = validate
+        self.segmentcam = SegmentCAMLoss(eps=eps, validate=validate)
 
     def forward(self, out: ClarityOutput, targets: torch.Tensor, masks: Optional[torch.Tensor] = None,
                 dist: Optional[torch.Tensor] = None, teacher_logits: Optional[torch.Tensor] = None) -> LossOutput:
@@ -100,7 +114,7 @@ class ClarityLoss(nn.Module):
             _check_map("dist", dist, out.heatmap.shape)
             if masks is not None and dist is None:
                 dist = distance_map(masks)
-            seg = segmentcam_losses(out.heatmap, out.scores, y, masks, dist, eps=self.eps, validate=self.validate)
+            seg = self.segmentcam(out.heatmap, out.scores, y, masks, dist)
             terms.update(prx=seg.prx, cnf=seg.cnf, ac=seg.ac, bas=seg.bas)
         total = sum(self.weights[k] * v for k, v in terms.items())
         return LossOutput(total=total, terms=terms)

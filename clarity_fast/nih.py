@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -310,7 +311,10 @@ class NIHCacheDataset(torch.utils.data.Dataset):
         self.grid = (h, w)
         tag = f"{h}x{w}"
         self.masks = self.dist = None
-        if (self.cache_dir / f"masks_status_{tag}.u8").exists():
+        if not (self.cache_dir / f"masks_status_{tag}.u8").exists():
+            warnings.warn(f"no anatomical priors for grid {tag} in {cache_dir} (run 'clarity-fast masks "
+                          f"{cache_dir} --patch-size {patch_size}'): masks are empty, i.e. no constraint")
+        else:
             self.masks = np.memmap(self.cache_dir / f"masks_{tag}.u8", dtype=np.uint8, mode="r",
                                    shape=(N, len(CLASS_NAMES), h, w))
             self.dist = np.memmap(self.cache_dir / f"dist_{tag}.f16", dtype=np.float16, mode="r",

@@ -187,3 +187,12 @@ def test_augmentation_moves_masks_with_images():
     agree = (cells == out["masks"][:, 0]).float().mean()
     assert agree > 0.9, agree
     assert (out["dist"][out["masks"]] == 0).all() and (out["dist"][~out["masks"]] > 0).all()
+
+
+def test_demo_command_end_to_end_small(tmp_path, capsys):
+    """The README's main job, shrunk: the CPU preset's model on a few phantoms, then the report."""
+    assert cli.main(["demo", "--cpu", "--set", "num_train=64", "--set", "num_val=24", "--set", "epochs=1",
+                     "--set", f"output_dir={tmp_path / 'demo'}"]) == 0
+    out = capsys.readouterr().out
+    assert "Macro AUC" in out and "random maps (baseline)" in out
+    assert (tmp_path / "demo" / "eval" / "overlays.png").exists()
