@@ -119,12 +119,12 @@ from ._dispatch import interpreter_enabled  # noqa: E402
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """Exact fp32/fp64 products (no TF32); fp16/bf16 use the default tensor-core path."""
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
 
 @triton.jit
