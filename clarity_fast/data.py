@@ -6,7 +6,8 @@ Samples are dicts: ``image`` (1, H, W) float in [0, 1], ``labels`` (C,), ``masks
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+import os
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,12 +72,14 @@ def augment(batch: Dict, generator: torch.Generator, scale: Sequence[float] = (0
 class InMemoryDataset(torch.utils.data.Dataset):
     """Samples of another data set computed once and kept in memory (images as uint8)."""
 
-    def __init__(self, dataset, progress: bool = True, desc: str = "preparing") -> None:
+    def __init__(self, dataset, progress: bool = True, desc: str = "preparing", workers: Optional[int] = None) -> None:
         from tqdm.auto import tqdm
         self.classes = getattr(dataset, "classes", None)
         self.samples: List[Dict] = []
-        for i in tqdm(range(len(dataset)), desc=desc, disable=not progress, leave=False):
-            s = dict(dataset[i])
+        workers = min(8, (os.cpu_count() or 1) // 2) if workers is None else workers  # 1 (serial) on 2 cores
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers if workers > 1 else 0)
+        for s in tqdm(loader, desc=desc, disable=not progress, leave=False, total=len(dataset)):
+            s = dict(s)
             s["image"] = (s["image"] * 255).round().to(torch.uint8)
             s["dist"] = s["dist"].half()
             self.samples.append(s)
