@@ -20,10 +20,11 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import use_triton
+from ._dispatch import backend, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_CLASS_TOKENS = 64
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
 
 def maps_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -99,9 +100,15 @@ def class_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num
         scale = q.shape[-1] ** -0.5
     if map_weight is not None:
         map_weight = float(map_weight)
-    if use_triton(q):
+    if use_triton(q) and (backend() == "triton" or triton_supports(q, num_class_tokens)):
         return class_token_attention_triton(q, k, v, num_class_tokens, scale, maps, map_weight)
     return class_token_attention_torch(q, k, v, num_class_tokens, scale, maps, map_weight)
+
+
+def triton_supports(q: torch.Tensor, num_class_tokens: int) -> bool:
+    """Whether the fused kernel covers these shapes; with the ``auto`` backend others run the reference
+    (e.g. a ViT-H with head_dim 80, or more than 64 classes); with ``triton`` they raise."""
+    return q.shape[-1] in SUPPORTED_HEAD_DIMS and num_class_tokens <= MAX_CLASS_TOKENS
 
 
 # --------------------------------------------------------------------------- Triton
@@ -119,7 +126,6 @@ from ._dispatch import interpreter_enabled  # noqa: E402
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

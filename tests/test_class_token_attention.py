@@ -241,3 +241,10 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     ref_out, ref_m = naive_reference(q, k, v, 2, 1 / math.sqrt(16), None, 1.0)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(m, ref_m)
+
+
+def test_triton_supports_decides_the_auto_fallback():
+    from clarity_fast.kernels.class_token_attention import triton_supports
+    assert triton_supports(torch.empty(1, 1, 8, 64), 14)
+    assert not triton_supports(torch.empty(1, 1, 8, 48), 14)
+    assert not triton_supports(torch.empty(1, 1, 80, 64), 65)

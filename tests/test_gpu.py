@@ -81,3 +81,13 @@ def test_torch_compile_fullgraph_on_cuda():
     torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), rtol=1e-3, atol=1e-2)
     compiled(q, k, v).backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_auto_backend_falls_back_for_shapes_the_kernel_does_not_cover(monkeypatch):
+    monkeypatch.setenv("CLARITY_FAST_BACKEND", "auto")
+    q = torch.randn(1, 2, 80, 48, device="cuda")  # head_dim 48
+    out, m = class_token_attention(q, q, q, 3, map_weight=1.0)
+    assert out.shape == q.shape and m.shape == (1, 3, 77)
+    q = torch.randn(1, 2, 80, 64, device="cuda")
+    out, m = class_token_attention(q, q, q, 70, map_weight=1.0)  # more than 64 classes
+    assert m.shape == (1, 70, 10)
