@@ -19,13 +19,14 @@ def _seed():
 def poisoned_allocations(monkeypatch):
     """Every torch.empty / empty_like made during the test is NaN-filled (float) or -1 (int), so an
     output element a kernel forgets to write cannot pass."""
-    empty, empty_like = torch.empty, torch.empty_like
+    empty, empty_like, empty_strided = torch.empty, torch.empty_like, torch.empty_strided
 
     def poison(t):
         return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
 
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_strided", lambda *a, **kw: poison(empty_strided(*a, **kw)))
 
 
 def tiny_model(**kwargs):

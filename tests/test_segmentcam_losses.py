@@ -74,7 +74,7 @@ CASES = ["random", "no positives", "all positive", "empty mask", "full mask", "h
 @pytest.mark.parametrize("grid", [(14, 14), (32, 32), (7, 9)], ids=str)
 @pytest.mark.parametrize("case", CASES)
 def test_triton_against_loop_reference(poisoned_allocations, monkeypatch, dtype, grid, case):
-    monkeypatch.setenv("CLARITY_FAST_BACKEND", "triton")
+    monkeypatch.setenv("CLARITY_FAST_BACKEND", "fused")
     from_logits = case in ("random", "empty mask")
     hm, s, y, m, d = make_case(case, 2, 3, *grid, dtype, from_logits)
     hm.requires_grad_(True)
@@ -113,7 +113,7 @@ def test_reference_matches_loop_reference(from_logits):
 
 
 def test_without_masks_prx_cnf_zero(monkeypatch):
-    monkeypatch.setenv("CLARITY_FAST_BACKEND", "triton")
+    monkeypatch.setenv("CLARITY_FAST_BACKEND", "fused")
     hm, s, y, _, _ = make_case("random", 2, 3, 5, 5, torch.float32, False)
     out = segmentcam_losses(hm, s, y)
     ref = segmentcam_losses_torch(hm, s, y)
@@ -123,7 +123,7 @@ def test_without_masks_prx_cnf_zero(monkeypatch):
 
 
 def test_gradcheck_fp64(monkeypatch):
-    monkeypatch.setenv("CLARITY_FAST_BACKEND", "triton")
+    monkeypatch.setenv("CLARITY_FAST_BACKEND", "fused")
     hm, s, y, m, d = make_case("empty mask", 2, 2, 3, 5, torch.float64, True)
     d = d.double()
 
@@ -135,7 +135,7 @@ def test_gradcheck_fp64(monkeypatch):
 
 
 def test_uint8_and_float_masks_and_fp16_dist(monkeypatch):
-    monkeypatch.setenv("CLARITY_FAST_BACKEND", "triton")
+    monkeypatch.setenv("CLARITY_FAST_BACKEND", "fused")
     hm, s, y, m, d = make_case("random", 2, 3, 6, 6, torch.float32, False)
     ref = segmentcam_losses(hm, s, y, m, d)
     for masks, dist in ((m.to(torch.uint8), d), (m.float(), d.half().float()), (m, d.half())):
@@ -150,7 +150,7 @@ def test_custom_op_schema_and_fake():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["fused", "torch"])
 def test_bad_inputs(monkeypatch, backend):
     monkeypatch.setenv("CLARITY_FAST_BACKEND", backend)
     hm, s, y, m, d = make_case("random", 2, 3, 4, 4, torch.float32, False)

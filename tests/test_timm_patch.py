@@ -18,7 +18,7 @@ def _reference_maps(vit, x, layers):
     return logits, probs
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "fused", "sdpa+maps"])
 @pytest.mark.parametrize("reg_tokens", [0, 4])
 def test_patched_vit_same_logits_and_cls_maps(monkeypatch, backend, reg_tokens):
     monkeypatch.setenv("CLARITY_FAST_BACKEND", backend)
