@@ -26,7 +26,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "setuptools>=70", "wheel", "scikit-learn"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "setuptools>=70", "wheel", "scikit-learn"],
         "bench": ["pytest-benchmark>=4"],
     },
     entry_points={"console_scripts": ["clarity-fast=clarity_fast.cli:main"]},

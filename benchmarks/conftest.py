@@ -18,6 +18,7 @@ SAVED: List[Dict] = []
 def record_saved_bytes(group: str, name: str, bytes_per_image: float, anchor: bool = False) -> None:
     """Register a device-independent measurement: bytes saved for backward per image."""
     SAVED.append(dict(group=group, name=name, value=bytes_per_image, anchor=anchor))
+    _write_summary()
 
 
 def device_name() -> str:
@@ -58,6 +59,7 @@ def measure(benchmark):
         if flops:
             benchmark.extra_info["tflops"] = flops / median / 1e12
         RESULTS.append(dict(group=group, name=name, median=median, anchor=anchor, flops=flops, peak=peak))
+        _write_summary()  # row by row: a run stopped later keeps what it measured
         return median
 
     return run
@@ -87,13 +89,15 @@ def _table() -> List[str]:
     return lines
 
 
+def _write_summary() -> None:
+    path = os.environ.get("CLARITY_BENCH_SUMMARY")
+    if path:
+        Path(path).write_text("\n".join(_table()) + "\n")
+
+
 def pytest_terminal_summary(terminalreporter):
     if not RESULTS and not SAVED:
         return
-    lines = _table()
     terminalreporter.write_sep("=", "clarity_fast benchmarks: ratios against the anchor of each group")
-    for line in lines:
+    for line in _table():
         terminalreporter.write_line(line)
-    path = os.environ.get("CLARITY_BENCH_SUMMARY")
-    if path:
-        Path(path).write_text("\n".join(lines) + "\n")

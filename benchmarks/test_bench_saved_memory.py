@@ -49,6 +49,6 @@ def test_saved_bytes_per_image_512(attention, monkeypatch, device):
         monkeypatch.setattr(layers, "class_token_attention", eager_class_token_attention)
     model = clarity_fast.create_model("clarity_s16_512").to(device)
     one, two = (saved_bytes(model, torch.randn(b, 3, 512, 512, device=device)) for b in (1, 2))
-    backend = "triton" if device.type == "cuda" else "torch reference"
+    backend = "auto backend" if device.type == "cuda" else "torch reference"
     record_saved_bytes(f"CLARiTy-S-16-512, bf16 autocast, {backend}", attention, two - one,
                        anchor=attention == "eager softmax")
