@@ -6,7 +6,6 @@ clear line on stderr and exit code 2, not a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -67,7 +66,7 @@ def _load_teacher(path: Optional[str]):
 
 
 def _train_and_report(cfg, resume: bool, progress: bool = True) -> dict:
-    from .evaluation import evaluate_model
+    from .evaluation import evaluate_model, write_report
     from .training import Trainer
     train_set, test_set = build_datasets(cfg, progress)
     trainer = Trainer(cfg, train_set, teacher=_load_teacher(cfg.teacher_logits), progress=progress)
@@ -79,25 +78,36 @@ def _train_and_report(cfg, resume: bool, progress: bool = True) -> dict:
     if trainer.rank != 0:
         return {}
     out_dir = Path(cfg.output_dir) / "eval"
-    report = evaluate_model(trainer.eval_model(), test_set, CLASS_NAMES, out_dir, device=trainer.device,
-                            progress=progress)
+    model = trainer.eval_model()
+    report = evaluate_model(model, test_set, CLASS_NAMES, out_dir, device=trainer.device, progress=progress,
+                            tune_at=cfg.xi_tune_at)
     report["train_minutes"] = minutes
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    if cfg.dataset == "nih":  # the validation split prepare carved: a reported validation AUC
+        from .evaluation import classification_report, run_model
+        from .nih import NIHCacheDataset
+        val = run_model(model, NIHCacheDataset(cfg.cache_dir, "val", patch_size=model_geometry(cfg)[1]),
+                        device=trainer.device, progress=progress)
+        report["validation_classification"] = classification_report(val["probs"], val["labels"], CLASS_NAMES)
+    write_report(report, out_dir)
     _print_summary(report, out_dir)
     return report
 
 
 def _print_summary(report: dict, out_dir: Path) -> None:
     cls = report["classification"]
-    print(f"\nMacro AUC: {cls['macro_auc']:.3f}")
+    print(f"\nMacro AUC: {cls['macro_auc']:.3f} ({cls['macro_auc_classes']} of {cls['num_classes']} classes)")
+    if "validation_classification" in report:
+        print(f"validation Macro AUC: {report['validation_classification']['macro_auc']:.3f}")
     loc, rnd = report.get("localization"), report.get("random_baseline")
     if loc:
-        print("IoU accuracy (macro over classes)   " + "  ".join(f"T={t}" for t in loc["macro"]))
-        print("  CLARiTy maps                      " + "  ".join(f"{v:.3f}" for v in loc["macro"].values()))
-        print("  random maps (baseline)            " + "  ".join(f"{v:.3f}" for v in rnd["macro"].values()))
-        print(f"mean IoU accuracy: {loc['mean_iou_accuracy']:.3f} (random {rnd['mean_iou_accuracy']:.3f}); "
-              f"at T=0.3: {loc['macro']['0.3']:.3f} vs {rnd['macro']['0.3']:.3f} "
-              f"({loc['macro']['0.3'] / max(rnd['macro']['0.3'], 1e-9):.1f}x)")
+        print(f"IoU accuracy (macro over classes; ξ tuned on the other patient fold for the {loc['xi_criterion']})")
+        print("                                    " + "  ".join(f"T={t}" for t in loc["macro"]) + "   mean")
+        rows = [("CLARiTy maps, mean of folds", loc["macro"], loc["mean_iou_accuracy"])]
+        rows += [(f"  fold {f} scored", fold["macro"], sum(fold["macro"].values()) / len(fold["macro"]))
+                 for f, fold in enumerate(loc["folds"])]
+        rows += [("random maps (baseline)", rnd["macro"], rnd["mean_iou_accuracy"])]
+        for name, macro, mean in rows:
+            print(f"  {name:<34}" + "  ".join(f"{v:.3f}" for v in macro.values()) + f"  {mean:.3f}")
     print(f"report: {out_dir / 'report.md'}, overlays: {out_dir / 'overlays.png'}")
 
 
@@ -143,7 +153,7 @@ def cmd_eval(args) -> None:
     model, cfg = _load_model(args.checkpoint, args.config, args.set)
     _, test_set = build_datasets(cfg, train=False)
     out_dir = Path(args.output or Path(args.checkpoint) / "eval")
-    report = evaluate_model(model, test_set, CLASS_NAMES, out_dir)
+    report = evaluate_model(model, test_set, CLASS_NAMES, out_dir, tune_at=cfg.xi_tune_at)
     _print_summary(report, out_dir)
 
 
@@ -158,6 +168,7 @@ def cmd_predict(args) -> None:
 
 def cmd_prepare(args) -> None:
     from .nih import prepare
+    args.interrupt_hint = f"; the cache at {args.cache_dir} is kept: run the same command again to resume"
     summary = prepare(args.data_dir, args.cache_dir, size=args.size, workers=args.workers)
     print(f"cached {summary['cached']} images into {summary['cache']}; {len(summary['unreadable'])} unreadable "
           f"(listed in unreadable.txt), {summary['missing']} listed in the CSV but not in images/")
@@ -275,6 +286,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (UserError, ValueError, FileNotFoundError) as e:
         print(f"clarity-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nclarity-fast {args.command}: interrupted{getattr(args, 'interrupt_hint', '')}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -3,6 +3,8 @@
 Box protocol: upsample the class's map bilinearly to image size, min-max normalise, threshold
 at ξ(c), take the bounding box of the largest connected component. ξ(c) is tuned per class on
 one half of the box images (split by patient) and reported on the other half, and the reverse.
+The tuning criterion is the mean IoU accuracy over T = 0.1 … 0.7 by default, or the accuracy at
+one T (``tune_at``); every report states which.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -35,30 +37,51 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def classification_report(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> Dict:
-    """Per-class AUC and Macro AUC (mean over classes with both outcomes present) of ``(N, C)`` arrays."""
+    """Per-class AUC and Macro AUC of ``(N, C)`` arrays. A class without both outcomes has AUC NaN
+    (``null`` in JSON) and is left out of the macro mean; ``macro_auc_classes`` counts the classes averaged."""
     probs, labels = np.asarray(probs), np.asarray(labels)
     if probs.shape != labels.shape or probs.ndim != 2 or probs.shape[1] != len(classes):
         raise ValueError(f"probs and labels must both be (N, {len(classes)}), got {probs.shape} and {labels.shape}")
     per_class = {c: roc_auc(probs[:, i], labels[:, i]) for i, c in enumerate(classes)}
     valid = [v for v in per_class.values() if not math.isnan(v)]
-    return {"auc": per_class, "macro_auc": float(np.mean(valid)) if valid else float("nan")}
+    return {"auc": per_class, "macro_auc": float(np.mean(valid)) if valid else float("nan"),
+            "macro_auc_classes": len(valid), "num_classes": len(classes)}
 
 
-def box_from_map(heatmap: torch.Tensor, image_size: Tuple[int, int], threshold: float) -> Optional[Box]:
-    """``(h, w)`` map -> box of the largest connected component above ``threshold`` after bilinear
-    upsampling to ``image_size = (H, W)`` and min-max normalisation; None if the map is flat."""
-    m = F.interpolate(heatmap.detach().float().cpu()[None, None], size=tuple(image_size), mode="bilinear",
+def normalised_upsample(loc_map: torch.Tensor, image_size: Tuple[int, int]) -> Optional[np.ndarray]:
+    """``(h, w)`` map -> ``(H, W)`` float32 array in [0, 1]: bilinear upsampling to ``image_size = (H, W)``,
+    then min-max normalisation; None if the map is flat."""
+    m = F.interpolate(loc_map.detach().float().cpu()[None, None], size=tuple(image_size), mode="bilinear",
                       align_corners=False)[0, 0].numpy()
     lo, hi = m.min(), m.max()
     if not hi > lo:
         return None
-    fg = (m - lo) / (hi - lo) >= threshold
-    labels, n = ndimage.label(fg)
-    if n == 0:
+    return (m - lo) / (hi - lo)
+
+
+def largest_component_box(foreground: np.ndarray) -> Optional[Box]:
+    """Bounding box (x, y, w, h) of the largest 4-connected component of a 2-d bool array; None if empty."""
+    rows = np.flatnonzero(foreground.any(1))
+    if rows.size == 0:
         return None
-    largest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
-    ys, xs = np.nonzero(labels == largest)
-    return float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)
+    cols = np.flatnonzero(foreground.any(0))
+    r0, c0 = int(rows[0]), int(cols[0])
+    crop = foreground[r0:rows[-1] + 1, c0:cols[-1] + 1]  # label only the foreground's bounding box
+    labels, n = ndimage.label(crop)
+    if n > 1:
+        largest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+        crop = labels == largest
+        rows, cols = np.flatnonzero(crop.any(1)), np.flatnonzero(crop.any(0))
+        r0, c0 = r0 + int(rows[0]), c0 + int(cols[0])
+        return float(c0), float(r0), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)
+    return float(c0), float(r0), float(crop.shape[1]), float(crop.shape[0])
+
+
+def box_from_map(loc_map: torch.Tensor, image_size: Tuple[int, int], threshold: float) -> Optional[Box]:
+    """``(h, w)`` map -> box of the largest connected component at or above ``threshold`` after bilinear
+    upsampling to ``image_size = (H, W)`` and min-max normalisation; None if the map is flat."""
+    m = normalised_upsample(loc_map, image_size)
+    return None if m is None else largest_component_box(m >= threshold)
 
 
 def iou(a: Optional[Box], b: Box) -> float:
@@ -92,22 +115,46 @@ def patient_folds(records: Sequence[BoxRecord], seed: int = 0) -> np.ndarray:
 
 
 def _iou_table(records: Sequence[BoxRecord], maps: Dict[str, torch.Tensor], candidates: Sequence[float]) -> np.ndarray:
-    return np.array([[iou(box_from_map(maps[r.image_id][r.class_index], r.image_size, xi), r.box)
-                      for xi in candidates] for r in records])
+    """IoU of every record's box with the box drawn at every candidate ξ, ``(n_records, n_candidates)``;
+    each (image, class) map is upsampled and normalised once."""
+    table = np.zeros((len(records), len(candidates)))
+    groups: Dict[Tuple, list] = {}
+    for i, r in enumerate(records):
+        groups.setdefault((r.image_id, r.class_index, tuple(r.image_size)), []).append(i)
+    for (image_id, c, size), rows in groups.items():
+        m = normalised_upsample(maps[image_id][c], size)
+        if m is None:
+            continue
+        for j, xi in enumerate(candidates):
+            box = largest_component_box(m >= xi)
+            for i in rows:
+                table[i, j] = iou(box, records[i].box)
+    return table
+
+
+def xi_criterion(tune_at: Optional[float]) -> str:
+    """The ξ tuning criterion in words, as reports state it."""
+    if tune_at is None:
+        return "mean IoU accuracy over T = " + ", ".join(f"{t:.1f}" for t in IOU_THRESHOLDS)
+    return f"IoU accuracy at T = {tune_at:.1f}"
 
 
 def localization_report(records: Sequence[BoxRecord], maps: Dict[str, torch.Tensor], classes: Sequence[str],
                         thresholds: Sequence[float] = IOU_THRESHOLDS, candidates: Sequence[float] = XI_CANDIDATES,
-                        seed: int = 0) -> Dict:
+                        seed: int = 0, tune_at: Optional[float] = None) -> Dict:
     """IoU accuracy per class and T, for both folds (ξ tuned on the other) and their mean.
 
-    maps: image id -> ``(C, h, w)`` localization maps Ξ. Returns a dict with ``accuracy[class][T]``
-    (mean of the two folds), ``folds`` (each fold's table and tuned ξ), ``macro`` (per T, over classes
-    with boxes) and ``mean_iou_accuracy`` (over classes and T).
+    maps: image id -> ``(C, h, w)`` localization maps Ξ. ``tune_at``: None tunes ξ for the mean
+    accuracy over ``thresholds``, a number for the accuracy at that T. Returns a dict with
+    ``accuracy[class][T]`` (mean of the two folds), ``folds`` (each fold's accuracy, macro and tuned ξ),
+    ``macro`` (per T, over classes with boxes), ``mean_iou_accuracy`` (over classes and T) and
+    ``xi_criterion``.
     """
     missing = sorted({r.image_id for r in records if r.image_id not in maps})
     if missing:
         raise ValueError(f"maps are missing for {len(missing)} box images, e.g. {missing[:3]}")
+    if tune_at is not None and not any(abs(tune_at - t) < 1e-9 for t in thresholds):
+        raise ValueError(f"tune_at must be one of the thresholds {tuple(thresholds)} or None, got {tune_at}")
     table = _iou_table(records, maps, candidates)  # (n_records, n_candidates)
     folds = patient_folds(records, seed)
     cls = np.array([r.class_index for r in records])
@@ -121,13 +168,16 @@ def localization_report(records: Sequence[BoxRecord], maps: Dict[str, torch.Tens
             if not test.any():
                 continue
             if tune.any():
-                score = (table[tune][:, :, None] > T).mean(axis=(0, 2))  # mean accuracy over T per ξ
+                hits = table[tune][:, :, None] > T  # (records, ξ, T)
+                score = hits.mean(axis=(0, 2)) if tune_at is None else hits[:, :, int(np.argmin(abs(T - tune_at)))].mean(0)
                 best = int(np.argmax(score))
             else:
                 best = len(candidates) // 2
             xi[classes[c]] = float(candidates[best])
             acc[classes[c]] = {f"{t:.1f}": float((table[test, best] > t).mean()) for t in T}
-        fold_results.append({"accuracy": acc, "xi": xi})
+        fold_macro = {f"{t:.1f}": float(np.mean([a[f"{t:.1f}"] for a in acc.values()])) for t in T} if acc else {}
+        fold_results.append({"accuracy": acc, "xi": xi, "macro": fold_macro,
+                             "num_boxes": int((folds == held_out).sum())})
     accuracy = {}
     for name in sorted({k for f in fold_results for k in f["accuracy"]}, key=list(classes).index):
         per_fold = [f["accuracy"][name] for f in fold_results if name in f["accuracy"]]
@@ -135,7 +185,14 @@ def localization_report(records: Sequence[BoxRecord], maps: Dict[str, torch.Tens
     macro = {f"{t:.1f}": float(np.mean([a[f"{t:.1f}"] for a in accuracy.values()])) for t in T} if accuracy else {}
     mean_acc = float(np.mean(list(macro.values()))) if macro else float("nan")
     return {"accuracy": accuracy, "macro": macro, "mean_iou_accuracy": mean_acc, "folds": fold_results,
-            "num_boxes": len(records), "num_images": len({r.image_id for r in records})}
+            "xi_criterion": xi_criterion(tune_at), "num_boxes": len(records),
+            "num_images": len({r.image_id for r in records})}
+
+
+def out_of_fold_xi(report: Dict, records: Sequence[BoxRecord], classes: Sequence[str], seed: int = 0) -> List[float]:
+    """The ξ each record is scored with in ``report``: the one tuned on the other patient fold."""
+    folds = patient_folds(records, seed)
+    return [report["folds"][f]["xi"][classes[r.class_index]] for r, f in zip(records, folds)]
 
 
 def random_maps(maps: Dict[str, torch.Tensor], seed: int = 0) -> Dict[str, torch.Tensor]:
@@ -144,36 +201,67 @@ def random_maps(maps: Dict[str, torch.Tensor], seed: int = 0) -> Dict[str, torch
     return {k: torch.rand(v.shape, generator=g) for k, v in sorted(maps.items())}
 
 
+def _fmt(v: float) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _accuracy_table(accuracy: Dict, macro: Dict, xi: Optional[Dict] = None) -> List[str]:
+    ts = list(macro)
+    head = "| class | " + " | ".join(f"T={t}" for t in ts) + (" | ξ |" if xi is not None else " |")
+    lines = [head, "|---|" + "---|" * (len(ts) + (xi is not None))]
+    for c, a in accuracy.items():
+        tail = f" | {xi[c]:.2f} |" if xi is not None else " |"
+        lines.append(f"| {c} | " + " | ".join(f"{a[t]:.3f}" for t in ts) + tail)
+    lines.append("| **Macro** | " + " | ".join(f"**{macro[t]:.3f}**" for t in ts) + (" | |" if xi is not None else " |"))
+    return lines
+
+
 def markdown_report(report: Dict) -> str:
-    """Markdown tables of a report made by :func:`evaluate` (classification and localization)."""
+    """Markdown tables of a report made by :func:`evaluate_model`: classification, then each
+    localization report with both patient folds (their accuracy and tuned ξ) and their mean."""
     lines = []
     cls = report.get("classification")
     if cls:
         lines += ["## Classification (ROC AUC)", "", "| class | AUC |", "|---|---|"]
-        lines += [f"| {c} | {v:.3f} |" for c, v in cls["auc"].items()]
-        lines += [f"| **Macro** | **{cls['macro_auc']:.3f}** |", ""]
-    for key, title in (("localization", "Localization (IoU accuracy, ξ tuned on the other patient fold)"),
+        lines += [f"| {c} | {_fmt(v)} |" for c, v in cls["auc"].items()]
+        n, total = cls.get("macro_auc_classes", len(cls["auc"])), cls.get("num_classes", len(cls["auc"]))
+        lines += [f"| **Macro ({n} of {total} classes)** | **{_fmt(cls['macro_auc'])}** |", ""]
+    for key, title in (("localization", "Localization (IoU accuracy of boxes from Ξ)"),
                        ("random_baseline", "Random-map baseline (same protocol)")):
         loc = report.get(key)
         if not loc:
             continue
-        ts = list(loc["macro"])
-        lines += [f"## {title}", "", "| class | " + " | ".join(f"T={t}" for t in ts) + " |",
-                  "|---|" + "---|" * len(ts)]
-        lines += [f"| {c} | " + " | ".join(f"{a[t]:.3f}" for t in ts) + " |" for c, a in loc["accuracy"].items()]
-        lines += ["| **Macro** | " + " | ".join(f"**{loc['macro'][t]:.3f}**" for t in ts) + " |",
-                  "", f"mean IoU accuracy: {loc['mean_iou_accuracy']:.3f} "
-                       f"({loc['num_boxes']} boxes on {loc['num_images']} images)", ""]
+        lines += [f"## {title}", "", f"ξ(c) tuned on one patient fold for the {loc['xi_criterion']}, "
+                  f"scored on the other. Mean of the two folds:", ""]
+        lines += _accuracy_table(loc["accuracy"], loc["macro"])
+        lines += ["", f"mean IoU accuracy: {loc['mean_iou_accuracy']:.3f} "
+                      f"({loc['num_boxes']} boxes on {loc['num_images']} images)", ""]
+        for f, fold in enumerate(loc["folds"]):
+            lines += [f"### {title.split(' (')[0]}, fold {f} scored ({fold['num_boxes']} boxes; ξ tuned on the "
+                      f"other fold)", ""]
+            lines += _accuracy_table(fold["accuracy"], fold["macro"], fold["xi"]) + [""]
     return "\n".join(lines)
 
 
-def write_report(report: Dict, out_dir: Union[str, Path]) -> Tuple[Path, Path]:
-    """Write ``report.json`` and ``report.md`` into ``out_dir``."""
+def _json_safe(value):
+    """NaN and inf as JSON ``null`` (json.dumps would write the invalid token NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_report(report: Dict, out_dir: Union[str, Path], stem: str = "report") -> Tuple[Path, Path]:
+    """Write ``<stem>.json`` (NaN as null) and ``<stem>.md`` into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "report.md").write_text(markdown_report(report))
-    return out_dir / "report.json", out_dir / "report.md"
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
+    md_path.write_text(markdown_report(report))
+    return json_path, md_path
 
 
 @torch.no_grad()
@@ -212,27 +300,30 @@ def run_model(model: torch.nn.Module, dataset, batch_size: int = 32, device: Uni
 
 def evaluate_model(model: torch.nn.Module, dataset, classes: Sequence[str], out_dir: Union[str, Path, None] = None,
                    batch_size: int = 32, device: Union[str, torch.device] = "cpu", num_overlays: int = 8,
-                   seed: int = 0, progress: bool = True) -> Dict:
+                   seed: int = 0, progress: bool = True, tune_at: Optional[float] = None,
+                   stem: str = "report") -> Dict:
     """Classification and localization report of ``model`` on ``dataset`` with the random-map baseline;
-    with ``out_dir``: report.json, report.md and PNG overlays of the first box images."""
+    with ``out_dir``: ``<stem>.json``, ``<stem>.md`` and PNG overlays of the first box images, each box
+    drawn with the ξ the report scored it with (tuned on the other patient fold)."""
     from .viz import overlay, tile
     res = run_model(model, dataset, batch_size, device, progress=progress)
     report = {"classification": classification_report(res["probs"], res["labels"], classes)}
     if res["records"]:
-        report["localization"] = localization_report(res["records"], res["maps"], classes, seed=seed)
+        report["localization"] = localization_report(res["records"], res["maps"], classes, seed=seed,
+                                                     tune_at=tune_at)
         report["random_baseline"] = localization_report(res["records"], random_maps(res["maps"], seed), classes,
-                                                        seed=seed)
+                                                        seed=seed, tune_at=tune_at)
     if out_dir is not None:
-        write_report(report, out_dir)
-        loc = report.get("localization")
+        write_report(report, out_dir, stem)
+        records = res["records"][:num_overlays]
+        xis = out_of_fold_xi(report["localization"], res["records"], classes, seed)[:num_overlays] if records else []
         pictures = []
-        for r in res["records"][:num_overlays]:
-            name = classes[r.class_index]
-            xi = loc["folds"][0]["xi"].get(name, loc["folds"][1]["xi"].get(name, 0.5)) if loc else 0.5
-            heat = res["maps"][r.image_id][r.class_index]
-            pred = box_from_map(heat, r.image_size, xi)
-            pictures.append(overlay(res["images"][r.image_id], heat, [pred] if pred else [], [r.box],
-                                    title=f"{name} IoU={iou(pred, r.box):.2f}"))
+        for r, xi in zip(records, xis):
+            loc_map = res["maps"][r.image_id][r.class_index]
+            pred = box_from_map(loc_map, r.image_size, xi)
+            pictures.append(overlay(res["images"][r.image_id], loc_map, [pred] if pred else [], [r.box],
+                                    title=f"{classes[r.class_index]} ξ={xi:.2f} IoU={iou(pred, r.box):.2f}"))
         if pictures:
-            tile(pictures, min(4, len(pictures))).save(Path(out_dir) / "overlays.png")
+            tile(pictures, min(4, len(pictures))).save(Path(out_dir) / ("overlays.png" if stem == "report"
+                                                                        else f"{stem}_overlays.png"))
     return report

@@ -5,10 +5,10 @@ Folder expected by ``prepare``: ``images/*.png``, ``train_val_list.txt`` and ``t
 (NIH's files). Labels and boxes come from the CSVs that torchxrayvision ships. All views and all
 images are kept. Cache layout (``cache_dir``)::
 
-    index.json            ids, patients, split, original sizes, "complete" flag (written last)
+    index.json            size, ids, patients, split, "complete" flag (written last); one size per cache
     labels.npy            (N, 14) uint8 in CLASS_NAMES order
     images_<S>.u8         (N, S, S) uint8 memmap; status.u8 (N,) 0 pending, 1 done, 2 unreadable
-    unreadable.txt        images skipped, with the reason
+    unreadable.txt        images skipped, with the reason (appended as they are found)
     regions_<h>x<w>.u8    (N, 14, h, w) region masks; masks_<h>x<w>.u8 (N, C, h, w) class masks;
     dist_<h>x<w>.f16      (N, C, h, w) distance maps; masks_status_<h>x<w>.u8 (N,)
 """
@@ -17,25 +17,24 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Deque, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
-
+from .images import decode_xray, resize_square
 from .pathologies import CLASS_NAMES, class_masks
 from .phantom import grid_regions
 from .priors import distance_map
 
 PathLike = Union[str, Path]
 CACHE_VERSION = 1
-ACCEPTED_MODES = ("L", "LA", "RGB", "RGBA", "I;16", "I;16B", "I", "P")
-MIN_SIDE = 64
 PENDING, DONE, UNREADABLE = 0, 1, 2
+NIH_BOX_SPACE = 1024  # BBox_List_2017 gives x, y, w, h in the pixels of NIH's 1024 x 1024 PNGs
 
 
 def xrv_data_file(name: str) -> Path:
@@ -59,7 +58,8 @@ def read_labels(csv_path: Optional[PathLike] = None) -> "pandas.DataFrame":  # n
 
 
 def read_boxes(csv_path: Optional[PathLike] = None) -> "pandas.DataFrame":  # noqa: F821
-    """``BBox_List_2017.csv`` -> columns image, label, class_index, x, y, w, h (original pixels)."""
+    """``BBox_List_2017.csv`` -> columns image, label, class_index, x, y, w, h, in the 1024 x 1024
+    pixel space of NIH's PNGs (``NIH_BOX_SPACE``), not of the original scans."""
     import pandas as pd
     path = Path(csv_path) if csv_path else xrv_data_file("BBox_List_2017.csv.gz")
     df = pd.read_csv(path, skiprows=1, header=None, usecols=range(6), names=["image", "label", "x", "y", "w", "h"])
@@ -69,6 +69,15 @@ def read_boxes(csv_path: Optional[PathLike] = None) -> "pandas.DataFrame":  # no
         raise ValueError(f"{path}: unknown box labels {unknown}")
     df["class_index"] = df["label"].map(CLASS_NAMES.index)
     return df
+
+
+def scaled_boxes(size: int, csv_path: Optional[PathLike] = None) -> Dict[str, List[List[float]]]:
+    """image id -> ``[[class_index, x, y, w, h], ...]`` scaled from NIH's 1024-pixel space to ``size`` pixels."""
+    scale = size / NIH_BOX_SPACE
+    boxes: Dict[str, List[List[float]]] = {}
+    for r in read_boxes(csv_path).itertuples():
+        boxes.setdefault(r.image, []).append([r.class_index, r.x * scale, r.y * scale, r.w * scale, r.h * scale])
+    return boxes
 
 
 def read_split(data_dir: PathLike) -> Tuple[List[str], List[str]]:
@@ -91,28 +100,6 @@ def carve_validation(ids: List[str], patients: Dict[str, str], fraction: float =
     val_pts = set(rng.choice(pts, size=max(1, int(round(fraction * len(pts)))), replace=False).tolist()) \
         if len(pts) > 1 else set()
     return [i for i in ids if patients[i] not in val_pts], [i for i in ids if patients[i] in val_pts]
-
-
-def read_image(path: PathLike) -> np.ndarray:
-    """A NIH PNG -> 2-d uint8 array. Raises ValueError with the reason for unreadable files."""
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ACCEPTED_MODES:
-                raise ValueError(f"unsupported image mode {im.mode}")
-            if min(im.size) < MIN_SIDE:
-                raise ValueError(f"image too small ({im.size[0]}x{im.size[1]}, expected at least {MIN_SIDE})")
-            im.load()
-            if im.mode.startswith("I"):
-                a = np.asarray(im, dtype=np.float64)
-                a = a / max(a.max(), 1) * 255
-                return a.astype(np.uint8)
-            return np.asarray(im.convert("L"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot decode ({e.__class__.__name__}: {e})") from None
-
-
-def _resize(a: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR, reducing_gap=2.0))
 
 
 def _atomic_json(path: Path, data: Dict) -> None:
@@ -162,52 +149,93 @@ def prepare(data_dir: PathLike, cache_dir: PathLike, size: int = 512, val_fracti
     split = {i: "train" for i in train_ids} | {i: "val" for i in val_ids} | {i: "test" for i in test if i in present}
     cache_dir.mkdir(parents=True, exist_ok=True)
     index = dict(version=CACHE_VERSION, size=size, ids=ids, patients=[patients[i] for i in ids],
-                 split=[split.get(i, "unlisted") for i in ids],
-                 original_size=[[int(labels.at[i, "width"]), int(labels.at[i, "height"])] for i in ids],
-                 complete=False)
-    old = cache_dir / "index.json"
-    resuming = False
-    if old.is_file():
+                 split=[split.get(i, "unlisted") for i in ids], complete=False)
+    index_path = cache_dir / "index.json"
+    resuming = index_path.is_file()
+    if resuming:
         prev = load_index(cache_dir, require_complete=False)
-        resuming = prev["ids"] == ids and prev["size"] == size
-    if not resuming:
-        _atomic_json(old, index)
+        if prev["size"] != size:
+            raise ValueError(f"the cache at {cache_dir} holds images of size {prev['size']}, not {size}: prepare size "
+                             f"{size} into another folder (a cache keeps one size)")
+        if prev["ids"] != ids:
+            raise ValueError(f"the cache at {cache_dir} was prepared from another set of images: use another folder "
+                             f"or delete this one")
+        index["complete"] = prev.get("complete", False)
+    else:
+        _atomic_json(index_path, index)
     np.save(cache_dir / "labels.npy", labels.loc[ids, list(CLASS_NAMES)].to_numpy(np.uint8))
     N = len(ids)
     mode = "r+" if resuming and (cache_dir / f"images_{size}.u8").exists() else "w+"
     images = np.memmap(cache_dir / f"images_{size}.u8", dtype=np.uint8, mode=mode, shape=(N, size, size))
     status = np.memmap(cache_dir / "status.u8", dtype=np.uint8, mode=mode, shape=(N,))
     todo = [k for k in range(N) if status[k] == PENDING]
-    reasons: Dict[str, str] = {}
-    if (cache_dir / "unreadable.txt").exists() and resuming:
-        for line in (cache_dir / "unreadable.txt").read_text().splitlines():
-            name, _, why = line.partition("\t")
-            reasons[name] = why
+    unreadable_path = cache_dir / "unreadable.txt"
+    reasons = _read_reasons(unreadable_path) if resuming else {}
+    if not resuming:
+        unreadable_path.write_text("")
 
     def work(k: int):
         try:
-            return k, _resize(read_image(images_dir / ids[k]), size), None
+            return k, resize_square(decode_xray(images_dir / ids[k]), size), None
         except ValueError as e:
             return k, None, str(e)
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for n, (k, a, err) in enumerate(tqdm(pool.map(work, todo), total=len(todo), desc="prepare",
-                                             disable=not progress, unit="img")):
-            if err is None:
-                images[k] = a
-                status[k] = DONE
-            else:
-                status[k] = UNREADABLE
-                reasons[ids[k]] = err
-            if n % 2000 == 1999:
-                images.flush()
-                status.flush()
-    images.flush()
-    status.flush()
-    (cache_dir / "unreadable.txt").write_text("".join(f"{k}\t{v}\n" for k, v in sorted(reasons.items())))
+    done = 0
+    with open(unreadable_path, "a") as log, tqdm(total=len(todo), desc="prepare", disable=not progress,
+                                                 unit="img") as bar:
+        try:
+            for k, a, err in _bounded_map(work, todo, workers):
+                if err is None:
+                    images[k] = a
+                    status[k] = DONE
+                else:  # recorded as found: an interrupted run keeps every reason
+                    log.write(f"{ids[k]}\t{err}\n")
+                    log.flush()
+                    reasons[ids[k]] = err
+                    status[k] = UNREADABLE
+                done += 1
+                bar.update()
+                if done % 2000 == 0:
+                    images.flush()
+                    status.flush()
+        finally:
+            images.flush()
+            status.flush()
+    unreadable_path.write_text("".join(f"{k}\t{v}\n" for k, v in sorted(reasons.items())))
     index["complete"] = True
-    _atomic_json(old, index)
+    _atomic_json(index_path, index)
     return dict(cached=int((status == DONE).sum()), unreadable=sorted(reasons), missing=missing, cache=str(cache_dir))
+
+
+def _read_reasons(path: Path) -> Dict[str, str]:
+    reasons: Dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            name, _, why = line.partition("\t")
+            if name:
+                reasons[name] = why
+    return reasons
+
+
+def _bounded_map(fn, items: List[int], workers: int):
+    """``fn`` over ``items`` on a thread pool, in order, with at most ``4 * workers`` in flight, so that
+    Ctrl-C (KeyboardInterrupt) returns within one image's time instead of draining the whole list."""
+    pool = ThreadPoolExecutor(max(1, workers))
+    pending: Deque = deque()
+    it = iter(items)
+    try:
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 4 * max(1, workers):
+                break
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(fn, nxt))
+            yield result
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------ priors
@@ -237,10 +265,14 @@ def load_chestx_det(weights: Optional[PathLike] = None) -> ChestXDetSegmenter:
     if not path.is_file():
         raise FileNotFoundError(f"PSPNet weights not found at {path}: place torchxrayvision's {PSPNET_FILE} there "
                                 f"or pass its path (nothing is downloaded)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
-    net = pspnet(14)
-    net.load_state_dict(state)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+        net = pspnet(14)
+        net.load_state_dict(state)
+    except Exception as e:  # any unpickling, format or key mismatch: not the file we need
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise ValueError(f"{path} is not ChestX-Det PSPNet weights ({PSPNET_FILE}): {first[:200]}") from None
     return ChestXDetSegmenter(net).eval()
 
 
@@ -319,14 +351,7 @@ class NIHCacheDataset(torch.utils.data.Dataset):
                                    shape=(N, len(CLASS_NAMES), h, w))
             self.dist = np.memmap(self.cache_dir / f"dist_{tag}.f16", dtype=np.float16, mode="r",
                                   shape=(N, len(CLASS_NAMES), h, w))
-        boxes: Dict[str, List[List[float]]] = {}
-        if split == "test":
-            sizes = dict(zip(self.ids, index["original_size"]))
-            for r in read_boxes(boxes_csv).itertuples():
-                if r.image in sizes:
-                    sx, sy = S / sizes[r.image][0], S / sizes[r.image][1]
-                    boxes.setdefault(r.image, []).append([r.class_index, r.x * sx, r.y * sy, r.w * sx, r.h * sy])
-        self.boxes = boxes
+        self.boxes = scaled_boxes(S, boxes_csv) if split == "test" else {}
 
     def __len__(self) -> int:
         return len(self.rows)

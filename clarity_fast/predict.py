@@ -7,26 +7,23 @@ from typing import Dict, List, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .data import normalize
+from .images import decode_xray, resize_square
 from .evaluation import box_from_map
 from .pathologies import CLASS_NAMES
 from .viz import overlay, tile
 
 
 def load_image(path: Union[str, Path], size: int) -> torch.Tensor:
-    """A PNG/JPEG file -> ``(1, size, size)`` float in [0, 1] (grayscale; 16-bit scaled)."""
+    """An image file -> ``(1, size, size)`` float in [0, 1], decoded and resized exactly as ``prepare``
+    caches training images (:mod:`clarity_fast.images`)."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            a = np.asarray(im.convert("I") if im.mode.startswith("I;16") else im.convert("L"), dtype=np.float32)
-    except (UnidentifiedImageError, OSError) as e:
+        a = resize_square(decode_xray(path), size)
+    except ValueError as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
-    a = a / (65535.0 if a.max() > 255 else 255.0)
-    t = torch.from_numpy(a)[None, None]
-    return F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
+    return torch.tensor(a, dtype=torch.float32).div(255)[None]
 
 
 @torch.no_grad()

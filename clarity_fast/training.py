@@ -67,6 +67,7 @@ class TrainConfig:
     log_every: int = 10
     save_every_steps: Optional[int] = None
     max_steps: Optional[int] = None
+    xi_tune_at: Optional[float] = None  # evaluation: tune ξ for the mean IoU accuracy over T (None) or at one T
 
     def validate(self) -> "TrainConfig":
         for name in ("batch_size", "accum_steps", "epochs", "log_every"):

@@ -82,3 +82,60 @@ def test_missing_maps_named():
     del maps["img3"]
     with pytest.raises(ValueError, match="maps are missing"):
         localization_report(records, maps, ["A", "B"])
+
+
+def test_report_shows_both_folds_with_their_xi_and_the_criterion(tmp_path):
+    records, maps = _records_and_maps(shift=0)
+    rep = localization_report(records, maps, ["A", "B"])
+    assert rep["xi_criterion"].startswith("mean IoU accuracy over T = 0.1")
+    for fold in rep["folds"]:
+        assert set(fold["xi"]) == set(fold["accuracy"]) and fold["macro"]["0.3"] == 1.0 and fold["num_boxes"] > 0
+    text = markdown_report({"localization": rep})
+    assert "fold 0 scored" in text and "fold 1 scored" in text and "| ξ |" in text
+    assert rep["xi_criterion"] in text
+
+
+def test_xi_tuning_criterion_at_one_threshold_changes_the_choice():
+    """A map whose core is the box (IoU 1) inside a wide halo (IoU 900/2601 = 0.35): tuned at T=0.3
+    both pass and the first, halo ξ is kept; tuned at T=0.7 (or for the mean over T) the core's ξ wins."""
+    records, maps = [], {}
+    for i in range(8):
+        records.append(BoxRecord(f"i{i}", f"p{i}", 0, (10.0, 10.0, 30.0, 30.0), (64, 64)))
+        m = torch.zeros(1, 64, 64)
+        m[0, 0:51, 0:51] = 0.3
+        m[0, 10:40, 10:40] = 1.0
+        maps[f"i{i}"] = m
+    at_03 = localization_report(records, maps, ["A"], tune_at=0.3)
+    assert all(f["xi"]["A"] == 0.05 for f in at_03["folds"]) and at_03["accuracy"]["A"]["0.7"] == 0.0
+    at_07 = localization_report(records, maps, ["A"], tune_at=0.7)
+    assert all(f["xi"]["A"] == 0.35 for f in at_07["folds"]) and at_07["accuracy"]["A"]["0.7"] == 1.0
+    default = localization_report(records, maps, ["A"])
+    assert all(f["xi"]["A"] == 0.35 for f in default["folds"])
+    assert at_07["xi_criterion"] == "IoU accuracy at T = 0.7"
+    with pytest.raises(ValueError, match="tune_at must be one of"):
+        localization_report(records, maps, ["A"], tune_at=0.33)
+
+
+def test_out_of_fold_xi_is_the_one_each_record_was_scored_with():
+    from clarity_fast.evaluation import out_of_fold_xi
+    records, maps = _records_and_maps(shift=0)
+    rep = localization_report(records, maps, ["A", "B"])
+    folds = patient_folds(records)
+    xis = out_of_fold_xi(rep, records, ["A", "B"])
+    for r, f, xi in zip(records, folds, xis):
+        assert xi == rep["folds"][f]["xi"]["AB"[r.class_index]]
+
+
+def test_nan_auc_is_null_in_json_and_the_macro_row_counts_its_classes(tmp_path):
+    import json
+    probs = np.random.default_rng(0).random((20, 3))
+    labels = np.zeros((20, 3))
+    labels[:10, 0] = 1
+    labels[::3, 1] = 1  # class c never positive: AUC undefined
+    rep = classification_report(probs, labels, ["a", "b", "c"])
+    assert np.isnan(rep["auc"]["c"]) and rep["macro_auc_classes"] == 2
+    json_path, md_path = write_report({"classification": rep}, tmp_path)
+    data = json.loads(json_path.read_text())  # strict JSON: no NaN token
+    assert data["classification"]["auc"]["c"] is None
+    text = md_path.read_text()
+    assert "| c | n/a |" in text and "Macro (2 of 3 classes)" in text

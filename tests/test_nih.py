@@ -10,7 +10,7 @@ from PIL import Image
 from clarity_fast import Clarity
 from clarity_fast.evaluation import evaluate_model
 from clarity_fast.nih import (ChestXDetSegmenter, NIHCacheDataset, compute_masks, load_chestx_det, load_index,
-                              prepare, read_boxes, read_labels, read_split)
+                              prepare, read_boxes, read_labels, read_split, scaled_boxes)
 from clarity_fast.pathologies import BOX_CLASSES, CLASS_NAMES
 
 
@@ -139,3 +139,186 @@ def test_bad_folders_and_cache(nih_folder, cache, tmp_path):
         NIHCacheDataset(partial, "train")
     with pytest.raises(ValueError, match="split must be"):
         NIHCacheDataset(cache_dir, "validation")
+
+
+# --------------------------------------------------------------------------- real box list (issue 9)
+
+
+def _raw_box_list():
+    """The box list as NIH wrote it, read without this project's parser: image -> [(label, x, y, w, h)]."""
+    import csv
+    import gzip
+    import torchxrayvision
+    from pathlib import Path
+    path = Path(torchxrayvision.__file__).parent / "data" / "BBox_List_2017.csv.gz"
+    rows = {}
+    with gzip.open(path, "rt") as f:
+        reader = csv.reader(f)
+        next(reader)
+        for row in reader:
+            rows.setdefault(row[0], []).append((row[1], *map(float, row[2:6])))
+    return rows
+
+
+def test_box_list_is_in_1024_pixel_space_and_scaled_from_it():
+    raw = _raw_box_list()
+    assert sum(map(len, raw.values())) == 984 and len(raw) == 880
+    assert max(x + w for bs in raw.values() for _, x, _, w, _ in bs) <= 1024
+    assert max(y + h for bs in raw.values() for _, _, y, _, h in bs) <= 1024
+    for size in (512, 224):
+        scaled = scaled_boxes(size)
+        assert set(scaled) == set(raw)
+        for image, boxes in raw.items():
+            got = sorted(tuple(b[1:]) for b in scaled[image])
+            want = sorted(tuple(v * size / 1024 for v in b[1:]) for b in boxes)
+            np.testing.assert_allclose(got, want, rtol=1e-12)
+            names = sorted(CLASS_NAMES[int(b[0])] for b in scaled[image])
+            assert names == sorted("Infiltration" if b[0] == "Infiltrate" else b[0] for b in boxes)
+
+
+def test_cache_dataset_boxes_are_the_1024_boxes_in_cache_pixels(cache):
+    cache_dir, _ = cache
+    raw = _raw_box_list()
+    test = NIHCacheDataset(cache_dir, "test", patch_size=8)
+    for i in range(len(test)):
+        s = test[i]
+        want = sorted(tuple(v * 64 / 1024 for v in b[1:]) for b in raw[s["id"]])
+        np.testing.assert_allclose(sorted(tuple(b[1:].tolist()) for b in s["boxes"]), want, rtol=1e-5)
+
+
+class _BoxMaps:
+    """Lazy ``{image id: (C, S, S)}`` maps for the evaluation: each class channel an indicator of
+    that class's boxes (pixels whose centres lie inside), or uniform noise."""
+
+    def __init__(self, boxes, size, noise=False):
+        self.boxes, self.size, self.noise = boxes, size, noise
+
+    def __contains__(self, image_id):
+        return image_id in self.boxes
+
+    def __call__(self, image_id, c):
+        S = self.size
+        if self.noise:
+            g = torch.Generator().manual_seed(hash((image_id, c)) % 2**31)
+            return torch.rand(S // 16, S // 16, generator=g)
+        m = torch.zeros(S, S)
+        centres = torch.arange(S) + 0.5
+        for b in self.boxes[image_id]:
+            if int(b[0]) == c:
+                inside_y = (centres >= b[2]) & (centres < b[2] + b[4])
+                inside_x = (centres >= b[1]) & (centres < b[1] + b[3])
+                m[inside_y[:, None] & inside_x[None, :]] = 1.0
+        return m
+
+
+class _PerImage(dict):
+    def __init__(self, maps):
+        super().__init__()
+        self.maps = maps
+
+    def __contains__(self, image_id):
+        return image_id in self.maps
+
+    def __missing__(self, image_id):
+        return _Channels(self.maps, image_id)
+
+
+class _Channels:
+    def __init__(self, maps, image_id):
+        self.maps, self.image_id = maps, image_id
+
+    def __getitem__(self, c):
+        return self.maps(self.image_id, c)
+
+
+def _real_records(size):
+    from clarity_fast.evaluation import BoxRecord
+    patients = read_labels().set_index("image")["patient"].to_dict()
+    boxes = scaled_boxes(size)
+    return boxes, [BoxRecord(image, patients[image], int(b[0]), tuple(b[1:]), (size, size))
+                   for image, bs in sorted(boxes.items()) for b in bs]
+
+
+def test_perfect_maps_score_one_at_every_threshold_on_the_real_box_list():
+    from clarity_fast.evaluation import localization_report
+    boxes, records = _real_records(512)
+    assert len(records) == 984 and len({r.image_id for r in records}) == 880
+    rep = localization_report(records, _PerImage(_BoxMaps(boxes, 512)), CLASS_NAMES)
+    assert rep["num_boxes"] == 984 and rep["num_images"] == 880
+    assert all(v == 1.0 for acc in rep["accuracy"].values() for v in acc.values()), rep["macro"]
+    some = {r.image_id for r in records[::8]}  # the chance baseline on an eighth of the images (time)
+    subset = [r for r in records if r.image_id in some]
+    noise = localization_report(subset, _PerImage(_BoxMaps(boxes, 512, noise=True)), CLASS_NAMES)
+    assert noise["macro"]["0.3"] < 0.2 and noise["mean_iou_accuracy"] < 0.15, noise["macro"]
+
+
+# --------------------------------------------------------------------------- preparation (issue 9)
+
+
+def test_predict_decodes_exactly_as_prepare_cached(nih_folder, cache, tmp_path):
+    """One decoder: a 16-bit PNG (and a 12-bit one) reaches predict as it reached training."""
+    from clarity_fast.predict import load_image
+    root, plain, box_images = nih_folder
+    cache_dir, _ = cache
+    index = load_index(cache_dir)
+    images = np.memmap(cache_dir / "images_64.u8", dtype=np.uint8, mode="r", shape=(len(index["ids"]), 64, 64))
+    ids = plain + box_images
+    sixteen = [name for k, name in enumerate(ids) if k % 7 == 5 and name in index["ids"]]
+    assert sixteen
+    for name in sixteen:
+        cached = torch.from_numpy(np.array(images[index["ids"].index(name)])).float() / 255
+        torch.testing.assert_close(load_image(root / "images" / name, 64)[0], cached, atol=0, rtol=0)
+    twelve = tmp_path / "twelve_bit.png"
+    Image.fromarray((np.random.default_rng(1).random((96, 96)) * 4095).astype(np.uint16)).save(twelve)
+    assert load_image(twelve, 64).max() > 0.5  # scaled by its own maximum (by 65535 it would stay under 0.07)
+
+
+def test_prepare_refuses_another_size_in_the_same_cache(nih_folder, cache):
+    root, _, _ = nih_folder
+    cache_dir, _ = cache
+    with pytest.raises(ValueError, match="holds images of size 64, not 32"):
+        prepare(root, cache_dir, size=32, progress=False)
+    assert not (cache_dir / "images_32.u8").exists()
+    assert load_index(cache_dir)["size"] == 64
+
+
+def test_interrupted_prepare_stops_fast_and_resumes_with_every_reason(nih_folder, tmp_path, monkeypatch):
+    import time
+    import clarity_fast.nih as nih
+    root, plain, _ = nih_folder
+    real = nih.decode_xray
+    calls = []
+
+    def decode(path):
+        calls.append(path)
+        if len(calls) == 12:
+            raise KeyboardInterrupt
+        time.sleep(0.02)
+        return real(path)
+
+    monkeypatch.setattr(nih, "decode_xray", decode)
+    start = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        prepare(root, tmp_path / "c", size=64, workers=1, progress=False)
+    assert time.time() - start < 5 and len(calls) < 20  # no draining of the remaining images
+    partial = (tmp_path / "c" / "unreadable.txt").read_text()
+    assert plain[0] in partial and "cannot decode" in partial  # the reason found before the interruption
+    monkeypatch.setattr(nih, "decode_xray", real)
+    summary = prepare(root, tmp_path / "c", size=64, workers=1, progress=False)
+    assert summary["unreadable"] == sorted([plain[0], plain[1]])
+    names = [line.split("\t")[0] for line in (tmp_path / "c" / "unreadable.txt").read_text().splitlines()]
+    assert names == sorted([plain[0], plain[1]])
+    assert load_index(tmp_path / "c")["complete"]
+
+
+def test_masks_with_a_file_that_is_not_pspnet_weights_is_one_line(tmp_path, cache, capsys):
+    from clarity_fast.cli import main
+    cache_dir, _ = cache
+    bad = tmp_path / "not_weights.pth"
+    torch.save({"something": torch.zeros(3)}, bad)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    for path in (bad, text):
+        assert main(["masks", str(cache_dir), "--weights", str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is not ChestX-Det PSPNet weights" in err[0], err
