@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .clarity import ClarityOutput
 from .kernels import SegmentCAMLosses, segmentcam_losses
+from .kernels.segmentcam_losses import raise_if_invalid
 from .priors import distance_map
 
 OCT_MODES = ("oct", "cct")
@@ -36,9 +37,11 @@ def oct_loss(class_states: torch.Tensor, mode: str = "oct") -> torch.Tensor:
 
 class SegmentCAMLoss(nn.Module):
     """Thin module over :func:`clarity_fast.kernels.segmentcam_losses` (fused on CUDA):
-    ``forward(heatmap, scores, labels, masks=None, dist=None) -> SegmentCAMLosses``."""
+    ``forward(heatmap, scores, labels, masks=None, dist=None) -> SegmentCAMLosses``. With
+    ``from_logits`` (the default) ``heatmap`` holds the heatmap logits, so the sigmoid's backward is
+    fused and exact (no 1/ε gradients through a separate sigmoid in fp16)."""
 
-    def __init__(self, eps: float = 1e-6, from_logits: bool = False, validate: bool = True) -> None:
+    def __init__(self, eps: float = 1e-6, from_logits: bool = True, validate: bool = True) -> None:
         super().__init__()
         self.eps, self.from_logits, self.validate = eps, from_logits, validate
 
@@ -66,16 +69,21 @@ class ClarityLoss(nn.Module):
     out: :class:`ClarityOutput` of ``model.forward_outputs``; targets ``(B, C)`` in {0, 1};
     masks ``(B, C, h, w)`` anatomical priors at grid resolution (bool/uint8/float); dist
     ``(B, C, h, w)`` their distance maps (computed from masks when None); teacher_logits ``(B, C)``.
-    Weights default to SPEC §3; ``oct_mode`` is ``"oct"`` or the ``"cct"`` ablation.
-    ``validate`` raises a ValueError on labels outside {0, 1} or non-finite heatmaps/scores
-    (a few bytes read back per step; turn it off once a pipeline is trusted).
+    Weights default to SPEC §3; ``oct_mode`` is ``"oct"`` or the ``"cct"`` ablation. The
+    SegmentCAM terms are computed from ``out.heatmap_logits`` (exact gradients in fp16 too).
+    ``validate`` raises a ValueError on labels outside {0, 1}, non-finite heatmaps/scores, masks
+    outside {0, 1} or non-finite dist. The checks are counted on the device and read back on the
+    first call and every ``validate_every`` calls after (no host sync on the other steps; never
+    while ``torch.compile`` traces); :meth:`check` reads them back at any time.
     """
 
     def __init__(self, lambda_cls: float = 1.0, lambda_kd: float = 1.0, lambda_oct: float = 0.1,
                  lambda_prx: float = 0.5, lambda_cnf: float = 0.5, lambda_ac: float = 0.1,
                  lambda_bas: float = 0.5, oct_mode: str = "oct", kd_temperature: float = 1.0,
-                 eps: float = 1e-6, validate: bool = True) -> None:
+                 eps: float = 1e-6, validate: bool = True, validate_every: int = 25) -> None:
         super().__init__()
+        if validate_every < 1:
+            raise ValueError(f"validate_every must be >= 1, got {validate_every}")
         if oct_mode not in OCT_MODES:
             raise ValueError(f"oct_mode must be one of {OCT_MODES}, got {oct_mode!r}")
         if kd_temperature <= 0:
@@ -84,8 +92,18 @@ class ClarityLoss(nn.Module):
                             ac=lambda_ac, bas=lambda_bas)
         self.oct_mode = oct_mode
         self.kd_temperature = kd_temperature
-        self.validate = validate
-        self.segmentcam = SegmentCAMLoss(eps=eps, validate=validate)
+        self.validate, self.validate_every = validate, validate_every
+        self.segmentcam = SegmentCAMLoss(eps=eps, from_logits=True, validate=False)
+        self._invalid: Optional[torch.Tensor] = None  # counts since the last check, on the device
+        self._unchecked = 0  # calls since the last check
+        self._calls = 0
+
+    def check(self) -> None:
+        """Raise the clear ValueError if any call since the last check saw invalid inputs (one host read)."""
+        invalid, calls = self._invalid, self._unchecked
+        self._invalid, self._unchecked = None, 0
+        if invalid is not None:
+            raise_if_invalid(invalid, f" (in one of the last {calls} loss calls)" if calls > 1 else "")
 
     def forward(self, out: ClarityOutput, targets: torch.Tensor, masks: Optional[torch.Tensor] = None,
                 dist: Optional[torch.Tensor] = None, teacher_logits: Optional[torch.Tensor] = None) -> LossOutput:
@@ -97,8 +115,6 @@ class ClarityLoss(nn.Module):
         if dist is not None and masks is None:
             raise ValueError("dist was given without masks; pass the masks it was computed from")
         y = targets.float()
-        if self.validate and out.heatmap is None and not ((y == 0) | (y == 1)).all():
-            raise ValueError("targets must contain only 0 and 1")
         zero = out.logits.new_zeros((), dtype=torch.float32)
         terms = dict.fromkeys(TERMS, zero)
         terms["cls"] = F.binary_cross_entropy_with_logits(out.logits_cls.float(), y)
@@ -109,12 +125,30 @@ class ClarityLoss(nn.Module):
             terms["kd"] = F.binary_cross_entropy_with_logits(out.logits.float(), soft)
         if out.class_states is not None:
             terms["oct"] = oct_loss(out.class_states, self.oct_mode)
-        if out.heatmap is not None:
-            _check_map("masks", masks, out.heatmap.shape)
-            _check_map("dist", dist, out.heatmap.shape)
+        if out.scores is not None:
+            if out.heatmap_logits is None:
+                raise ValueError("out.heatmap_logits is needed for the SegmentCAM losses (ClarityOutput from "
+                                 "Clarity.forward_outputs has it)")
+            _check_map("masks", masks, out.heatmap_logits.shape)
+            _check_map("dist", dist, out.heatmap_logits.shape)
             if masks is not None and dist is None:
                 dist = distance_map(masks)
-            seg = self.segmentcam(out.heatmap, out.scores, y, masks, dist)
+            seg = self.segmentcam(out.heatmap_logits, out.scores, y, masks, dist)
             terms.update(prx=seg.prx, cnf=seg.cnf, ac=seg.ac, bas=seg.bas)
+            invalid = seg.invalid
+        else:
+            invalid = torch.stack([torch.zeros((), dtype=torch.int64, device=y.device),
+                                   ((y != 0) & (y != 1)).sum(), torch.zeros((), dtype=torch.int64, device=y.device)])
+        if self.validate:
+            self._record(invalid)
         total = sum(self.weights[k] * v for k, v in terms.items())
         return LossOutput(total=total, terms=terms)
+
+    def _record(self, invalid: torch.Tensor) -> None:
+        self._invalid = invalid if self._invalid is None else self._invalid + invalid
+        if torch.compiler.is_compiling():
+            return
+        self._calls += 1
+        self._unchecked += 1
+        if self._calls == 1 or self._calls % self.validate_every == 0:
+            self.check()

@@ -340,6 +340,7 @@ class Trainer:
                     break
         bar.close()
         log.close()
+        self.loss_fn.check()  # inputs seen since the loss's last periodic check
         return last
 
     def _train_batch(self, batch: Dict, amp: bool) -> Dict[str, torch.Tensor]:

@@ -5,7 +5,14 @@ heatmap Hm in [0, 1], scores S, anatomical mask M (bool/uint8/float, 1 inside),
 distance map Dist (0 inside the mask), labels y in {0, 1}.
 An empty mask for (b, c) means "no constraint": M ≡ 1 and Dist ≡ 0 there.
 Per-(b, c) terms are averaged over the positive pairs (L_PRX, L_CNF, L_BAS)
-or over all pairs (L_AC); a mean over an empty set is 0.
+or over all pairs (L_AC); a mean over an empty set is 0. Masks and Dist are
+constants: no gradient flows to them on either backend.
+
+Input checks that need the data (non-finite Hm/S, labels outside {0, 1}, masks
+outside {0, 1}, non-finite Dist) are counted on the device, with no host sync,
+into ``SegmentCAMLosses.invalid``; ``raise_if_invalid`` turns the counts into the
+clear error. ``validate=True`` does that at once (one small read-back, skipped
+while ``torch.compile`` traces); ``ClarityLoss`` defers it to every k-th step.
 """
 from __future__ import annotations
 
@@ -16,7 +23,8 @@ import torch.nn.functional as F
 
 
 class SegmentCAMLosses(NamedTuple):
-    """Scalar losses and ``(B, C)`` logits of the SegmentCAM head."""
+    """Scalar losses, ``(B, C)`` logits of the SegmentCAM head and ``invalid``: ``(3,)`` counts of
+    [non-finite Hm or S values, labels outside {0, 1}, mask values outside {0, 1} or non-finite Dist]."""
     prx: torch.Tensor
     cnf: torch.Tensor
     ac: torch.Tensor
@@ -24,6 +32,7 @@ class SegmentCAMLosses(NamedTuple):
     logits_fg: torch.Tensor
     logits_bg: torch.Tensor
     logits_full: torch.Tensor
+    invalid: torch.Tensor
 
 
 def segmentcam_logits(heatmap: torch.Tensor, scores: torch.Tensor, eps: float = 1e-6,
@@ -48,6 +57,8 @@ def _validate_shapes(heatmap: torch.Tensor, scores: torch.Tensor, labels: torch.
                      masks: Optional[torch.Tensor], dist: Optional[torch.Tensor]) -> None:
     if heatmap.dim() != 4:
         raise ValueError(f"heatmap must be (B, C, h, w), got shape {tuple(heatmap.shape)}")
+    if heatmap.numel() == 0:
+        raise ValueError(f"heatmap must not be empty (B, C, h, w all >= 1), got shape {tuple(heatmap.shape)}")
     for name, t in (("scores", scores), ("masks", masks), ("dist", dist)):
         if t is not None and t.shape != heatmap.shape:
             raise ValueError(f"{name} must have the heatmap's shape (B, C, h, w) = {tuple(heatmap.shape)}, "
@@ -61,12 +72,21 @@ def _validate_shapes(heatmap: torch.Tensor, scores: torch.Tensor, labels: torch.
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
-def _raise_if_bad(nonfinite: int, bad_labels: int, from_logits: bool) -> None:
+def raise_if_invalid(invalid: torch.Tensor, where: str = "") -> None:
+    """Raise the clear ValueError for ``invalid`` counts (see :class:`SegmentCAMLosses`); one host read."""
+    nonfinite, bad_labels, bad_priors = (int(v) for v in invalid.tolist())
     if nonfinite:
-        what = "heatmap logits" if from_logits else "heatmap"
-        raise ValueError(f"{what} or scores contain {nonfinite} non-finite value(s) (NaN or inf)")
+        raise ValueError(f"heatmap or scores contain {nonfinite} non-finite value(s) (NaN or inf){where}")
     if bad_labels:
-        raise ValueError(f"labels must contain only 0 and 1; {bad_labels} entries do not")
+        raise ValueError(f"labels must contain only 0 and 1; {bad_labels} entries do not{where}")
+    if bad_priors:
+        raise ValueError(f"masks must contain only 0 and 1 (bool, or 0/1 as uint8 or float) and dist must be finite; "
+                         f"{bad_priors} entries are not{where}")
+
+
+def _check_now(invalid: torch.Tensor, validate: bool) -> None:
+    if validate and not torch.compiler.is_compiling():
+        raise_if_invalid(invalid)
 
 
 def segmentcam_losses_torch(heatmap: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
@@ -75,11 +95,13 @@ def segmentcam_losses_torch(heatmap: torch.Tensor, scores: torch.Tensor, labels:
     """Reference SegmentCAM losses; ``from_logits``: ``heatmap`` holds logits and Hm = sigmoid(heatmap).
     Without masks L_PRX and L_CNF are 0. ``validate`` raises on non-finite inputs or labels outside {0, 1}."""
     _validate_shapes(heatmap, scores, labels, masks, dist)
-    if validate:
-        y = labels
-        counts = torch.stack([(~torch.isfinite(heatmap)).sum() + (~torch.isfinite(scores)).sum(),
-                              ((y != 0) & (y != 1)).sum()]).tolist()
-        _raise_if_bad(*counts, from_logits)
+    bad_priors = heatmap.new_zeros((), dtype=torch.int64)
+    if masks is not None:
+        masks, dist = masks.detach(), dist.detach()
+        bad_priors = ((masks != 0) & (masks != 1)).sum() + (~torch.isfinite(dist)).sum()
+    invalid = torch.stack([(~torch.isfinite(heatmap)).sum() + (~torch.isfinite(scores)).sum(),
+                           ((labels != 0) & (labels != 1)).sum(), bad_priors])
+    _check_now(invalid, validate)
     acc = _acc_dtype(heatmap.dtype)  # fp32 sums for fp16/bf16 inputs, as in the kernel
     heatmap, scores = heatmap.to(acc), scores.to(acc)
     if from_logits:
@@ -100,7 +122,7 @@ def segmentcam_losses_torch(heatmap: torch.Tensor, scores: torch.Tensor, labels:
         cnf = positive_mean((hm * (1 - m)).sum(-1) / hm_sum, y)
     ac = hm.mean()
     bas = positive_mean(F.softplus(bg) / (F.softplus(full.detach()) + eps), y)
-    return SegmentCAMLosses(prx, cnf, ac, bas, fg, bg, full)
+    return SegmentCAMLosses(prx, cnf, ac, bas, fg, bg, full, invalid)
 
 
 # --------------------------------------------------------------------------- Triton
@@ -122,8 +144,16 @@ NUM_SUMS = 8
 
 
 @triton.jit
+def _log1p(z):
+    """log(1 + z) for z >= 0, accurate for tiny z: log(u) * z / (u - 1) with u = 1 + z (Goldberg), z when u == 1."""
+    u = 1.0 + z
+    return tl.where(u == 1.0, z, tl.log(u) * (z / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
 def _softplus(x):
-    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))))
+    """log(1 + exp(x)) without overflow and without losing exp(x) next to 1 for very negative x."""
+    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x))))
 
 
 @triton.jit
@@ -148,6 +178,7 @@ def _seg_fwd_kernel(HM, S, M, D, Y, SUMS, LOGITS, TERMS, FLAGS, HW, BC, eps,
     a_hmo = tl.zeros([BLOCK], ACC)
     a_m = tl.zeros([BLOCK], ACC)
     n_bad = tl.zeros([BLOCK], tl.int32)
+    n_bad_prior = tl.zeros([BLOCK], tl.int32)
     for start in range(0, HW, BLOCK):
         idx = start + lanes
         valid = idx < HW
@@ -169,6 +200,8 @@ def _seg_fwd_kernel(HM, S, M, D, Y, SUMS, LOGITS, TERMS, FLAGS, HW, BC, eps,
             a_hmd += hm * d
             a_hmo += hm * tl.where(valid, 1.0 - m, 0.0)
             a_m += m
+            d_ok = (d == d) & (tl.abs(d) < float("inf"))
+            n_bad_prior += tl.where(valid & (((m != 0.0) & (m != 1.0)) | ~d_ok), 1, 0)
     s_hm = tl.sum(a_hm, 0)
     s_hms = tl.sum(a_hms, 0)
     s_1m = tl.sum(a_1m, 0)
@@ -204,11 +237,13 @@ def _seg_fwd_kernel(HM, S, M, D, Y, SUMS, LOGITS, TERMS, FLAGS, HW, BC, eps,
     tl.store(TERMS + 4 * BC + row, y)
     tl.store(FLAGS + row, tl.sum(n_bad, 0))
     tl.store(FLAGS + BC + row, tl.where((y != 0) & (y != 1), 1, 0))
+    tl.store(FLAGS + 2 * BC + row, tl.sum(n_bad_prior, 0))
 
 
 @triton.jit
 def _seg_reduce_kernel(TERMS, FLAGS, LOSSES, STATS, BC, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """One program: LOSSES = [L_PRX, L_CNF, L_AC, L_BAS]; STATS = [n_pos, n_nonfinite, n_bad_labels]."""
+    """One program: LOSSES = [L_PRX, L_CNF, L_AC, L_BAS]; STATS = [n_pos, n_nonfinite, n_bad_labels,
+    n_bad_priors]."""
     lanes = tl.arange(0, BLOCK)
     a_prx = tl.zeros([BLOCK], ACC)
     a_cnf = tl.zeros([BLOCK], ACC)
@@ -217,6 +252,7 @@ def _seg_reduce_kernel(TERMS, FLAGS, LOSSES, STATS, BC, BLOCK: tl.constexpr, ACC
     a_y = tl.zeros([BLOCK], ACC)
     a_nf = tl.zeros([BLOCK], tl.int32)
     a_lab = tl.zeros([BLOCK], tl.int32)
+    a_pri = tl.zeros([BLOCK], tl.int32)
     for start in range(0, BC, BLOCK):
         idx = start + lanes
         valid = idx < BC
@@ -227,6 +263,7 @@ def _seg_reduce_kernel(TERMS, FLAGS, LOSSES, STATS, BC, BLOCK: tl.constexpr, ACC
         a_y += tl.load(TERMS + 4 * BC + idx, mask=valid, other=0.0)
         a_nf += tl.load(FLAGS + idx, mask=valid, other=0)
         a_lab += tl.load(FLAGS + BC + idx, mask=valid, other=0)
+        a_pri += tl.load(FLAGS + 2 * BC + idx, mask=valid, other=0)
     n_pos = tl.sum(a_y, 0)
     inv = 1.0 / tl.maximum(n_pos, 1.0)
     tl.store(LOSSES, tl.sum(a_prx, 0) * inv)
@@ -236,6 +273,7 @@ def _seg_reduce_kernel(TERMS, FLAGS, LOSSES, STATS, BC, BLOCK: tl.constexpr, ACC
     tl.store(STATS, n_pos)
     tl.store(STATS + 1, tl.sum(a_nf, 0).to(ACC))
     tl.store(STATS + 2, tl.sum(a_lab, 0).to(ACC))
+    tl.store(STATS + 3, tl.sum(a_pri, 0).to(ACC))
 
 
 @triton.jit
@@ -325,11 +363,11 @@ def _seg_fwd_op(heatmap: torch.Tensor, scores: torch.Tensor, labels: torch.Tenso
     sums = torch.empty((NUM_SUMS, BC), dtype=acc, device=hm.device)
     logits = torch.empty((3, B, C), dtype=acc, device=hm.device)
     terms = torch.empty((5, BC), dtype=acc, device=hm.device)
-    flags = torch.empty((2, BC), dtype=torch.int32, device=hm.device)
+    flags = torch.empty((3, BC), dtype=torch.int32, device=hm.device)
     _seg_fwd_kernel[(BC,)](hm, s, m, d, y, sums, logits, terms, flags, HW, BC, eps, FROM_LOGITS=from_logits,
                            HAS_MASK=masks is not None, BLOCK=_block(HW), ACC=_TL[acc])
     losses = torch.empty((4,), dtype=acc, device=hm.device)
-    stats = torch.empty((3,), dtype=acc, device=hm.device)
+    stats = torch.empty((4,), dtype=acc, device=hm.device)
     _seg_reduce_kernel[(1,)](terms, flags, losses, stats, BC, BLOCK=_block(BC), ACC=_TL[acc])
     return losses, logits, sums, stats
 
@@ -339,7 +377,7 @@ def _(heatmap, scores, labels, masks, dist, from_logits, eps):
     B, C = heatmap.shape[:2]
     acc = _acc_dtype(heatmap.dtype)
     return (heatmap.new_empty((4,), dtype=acc), heatmap.new_empty((3, B, C), dtype=acc),
-            heatmap.new_empty((NUM_SUMS, B * C), dtype=acc), heatmap.new_empty((3,), dtype=acc))
+            heatmap.new_empty((NUM_SUMS, B * C), dtype=acc), heatmap.new_empty((4,), dtype=acc))
 
 
 @torch.library.custom_op("clarity_fast::segmentcam_losses_bwd", mutates_args=())
@@ -393,13 +431,15 @@ def segmentcam_losses(heatmap: torch.Tensor, scores: torch.Tensor, labels: torch
     {0, 1}; masks (bool/uint8/float, 1 inside) and dist (fp16/fp32) together or not at all.
     Returns scalar L_PRX, L_CNF, L_AC, L_BAS and ``(B, C)`` ℓ^f, ℓ^b, ℓ^full (fp32; fp64 for fp64).
     CUDA tensors run the fused Triton kernels, CPU tensors the reference. ``validate`` raises a
-    ValueError on non-finite Hm/S or labels outside {0, 1} (one 12-byte read-back on the fused path).
+    ValueError at once on the counts in ``invalid`` (one small read-back, skipped while compiling);
+    without it the caller checks them (:func:`raise_if_invalid`).
     """
     _validate_shapes(heatmap, scores, labels, masks, dist)
     if not use_triton(heatmap):
         return segmentcam_losses_torch(heatmap, scores, labels, masks, dist, eps, from_logits, validate)
+    if masks is not None:
+        masks, dist = masks.detach(), dist.detach()
     losses, logits, _, stats = _seg_fwd_op(heatmap, scores, labels, masks, dist, from_logits, eps)
-    if validate:
-        _, nonfinite, bad_labels = stats.tolist()
-        _raise_if_bad(int(nonfinite), int(bad_labels), from_logits)
-    return SegmentCAMLosses(losses[0], losses[1], losses[2], losses[3], logits[0], logits[1], logits[2])
+    invalid = stats[1:].to(torch.int64)
+    _check_now(invalid, validate)
+    return SegmentCAMLosses(losses[0], losses[1], losses[2], losses[3], logits[0], logits[1], logits[2], invalid)

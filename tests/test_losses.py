@@ -79,7 +79,8 @@ def test_clarity_loss_total_by_hand():
     lc, lf, teacher = [0.3, -1.2], [2.0, 0.5], [1.0, -2.0]
     states = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])
     out = ClarityOutput(logits=(torch.tensor([lc]) + torch.tensor([lf])) / 2, logits_cls=torch.tensor([lc]),
-                        logits_fg=torch.tensor([lf]), heatmap=hm.float(), scores=s.float(), class_states=states)
+                        logits_fg=torch.tensor([lf]), heatmap=hm.float(), heatmap_logits=hm.logit().clamp(-40, 40),
+                        scores=s.float(), class_states=states)
     loss = ClarityLoss()(out, y, masks=m, dist=d.float(), teacher_logits=torch.tensor([teacher]))
     yy = [1.0, 0.0]
     cls = sum(bce(a, t) for a, t in zip(lc, yy)) / 2 + sum(bce(a, t) for a, t in zip(lf, yy)) / 2
@@ -136,3 +137,39 @@ def test_labels_outside_01_rejected():
     out.heatmap = None
     with pytest.raises(ValueError, match="only 0 and 1"):
         ClarityLoss()(out, torch.full((2, 3), 2.0))
+
+
+def test_checks_are_deferred_to_every_kth_call_and_still_raise(monkeypatch):
+    """No host read on every step: the counts are read on the first call and every validate_every calls;
+    a mistake on call 3 is reported on call 5 with a clear message."""
+    import clarity_fast.losses as losses
+    reads = []
+    real = losses.raise_if_invalid
+    monkeypatch.setattr(losses, "raise_if_invalid", lambda *a: reads.append(1) or real(*a))
+    loss_fn = ClarityLoss(validate_every=5)
+    good, bad = torch.zeros(2, 3), torch.full((2, 3), 0.5)
+    for call in range(1, 5):
+        loss_fn(_output(), bad if call == 3 else good)
+    assert len(reads) == 1  # only the first call read back
+    with pytest.raises(ValueError, match="only 0 and 1; 6 entries do not \\(in one of the last 4 loss calls\\)"):
+        loss_fn(_output(), good)
+    loss_fn(_output(), good)
+    loss_fn.check()  # nothing pending after the report
+
+
+def test_clarity_loss_defaults_trace_with_fullgraph():
+    out = _output()
+    out.heatmap_logits.requires_grad_(True)
+    masks = torch.rand(2, 3, 4, 4) > 0.5
+    dist = distance_map(masks)  # precomputed, as the data sets do
+    loss_fn = ClarityLoss()
+    loss_fn(out, torch.ones(2, 3), masks=masks, dist=dist)  # first call checked eagerly
+
+    def step(logits, scores):
+        o = ClarityOutput(logits=torch.zeros(2, 3), logits_cls=torch.zeros(2, 3), heatmap_logits=logits,
+                          scores=scores)
+        return loss_fn(o, torch.ones(2, 3), masks=masks, dist=dist).total
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(out.heatmap_logits, out.scores), step(out.heatmap_logits, out.scores))

@@ -172,3 +172,83 @@ def test_bad_inputs(monkeypatch, backend):
     bad_s[0, 0, 1, 1] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
         segmentcam_losses(hm, bad_s, y, m, d)
+
+
+# --------------------------------------------------------------------------- precision and input checks (issue 9)
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_softplus_terms_exact_at_very_negative_and_positive_logits(monkeypatch, backend):
+    """L_BAS = softplus(ℓ^b) / (softplus(ℓ^full) + ε) and its gradients where ℓ^b ≈ ℓ^full ≈ v, from -30 to 40:
+    log(1 + exp(v)) must not lose exp(v) next to 1 (6 % off at v = -15 before the fix). Each class is its own
+    positive pair, so per-class gradients are compared at their own scale."""
+    monkeypatch.setenv("CLARITY_FAST_BACKEND", backend)
+    values = torch.tensor([-30.0, -15.0, -10.0, -7.0, 0.0, 7.0, 15.0, 25.0, 40.0])
+    B, C, h, w = 1, len(values), 4, 5
+    hm = torch.rand(B, C, h, w, requires_grad=True)
+    s = (values.view(1, C, 1, 1) + 0.5 * torch.randn(B, C, h, w)).requires_grad_(True)
+    y = torch.ones(B, C)
+    out = segmentcam_losses(hm, s, y, eps=EPS)
+    dhm, ds = torch.autograd.grad(out.bas, (hm, s))
+    ref_in = [hm.detach().double().requires_grad_(), s.detach().double().requires_grad_()]
+    ref = segmentcam_losses_torch(*ref_in, y.double(), eps=EPS)
+    r_dhm, r_ds = torch.autograd.grad(ref.bas, ref_in)
+    assert out.bas.item() == pytest.approx(ref.bas.item(), rel=2e-6)
+    for got, want in ((ds, r_ds), (dhm, r_dhm)):
+        for c in range(C):  # relative error per class, at that class's gradient scale
+            err = (got[0, c].double() - want[0, c]).abs().max() / want[0, c].abs().max()
+            assert err < 1e-4, (c, values[c].item(), err.item())
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_fp16_saturated_heatmap_gives_finite_gradients_through_clarity_loss(monkeypatch, backend):
+    """Saturated fp16 heatmaps: the loss works on the heatmap logits, so no 1/ε gradient ever meets fp16."""
+    from clarity_fast import ClarityLoss, ClarityOutput
+    monkeypatch.setenv("CLARITY_FAST_BACKEND", backend)
+    B, C, g = 2, 3, 4
+    logits = torch.full((B, C, g, g), -20.0, dtype=torch.float16)
+    logits[1] = 20.0
+    logits.requires_grad_(True)
+    scores = torch.randn(B, C, g, g, dtype=torch.float16, requires_grad=True)
+    masks = torch.rand(B, C, g, g) > 0.5
+    out = ClarityOutput(logits=torch.zeros(B, C), logits_cls=torch.zeros(B, C), heatmap_logits=logits,
+                        heatmap=logits.sigmoid(), scores=scores)
+    loss = ClarityLoss()(out, torch.ones(B, C), masks=masks)
+    loss.total.backward()
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(scores.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_priors_outside_01_nan_dist_and_empty_batch_are_refused_alike(monkeypatch, backend):
+    monkeypatch.setenv("CLARITY_FAST_BACKEND", backend)
+    hm, s = torch.rand(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    y = torch.ones(2, 3)
+    m = (torch.rand(2, 3, 4, 4) > 0.5).to(torch.uint8)
+    d = distance_map(m.bool())
+    with pytest.raises(ValueError, match="masks must contain only 0 and 1"):
+        segmentcam_losses(hm, s, y, m * 255, d)
+    bad_d = d.clone()
+    bad_d[0, 1, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="dist must be finite; 1 entries"):
+        segmentcam_losses(hm, s, y, m, bad_d)
+    with pytest.raises(ValueError, match="must not be empty"):
+        segmentcam_losses(hm[:0], s[:0], y[:0], m[:0], d[:0])
+    out = segmentcam_losses(hm, s, y, m.float(), d)  # 0/1 floats are fine
+    assert out.invalid.tolist() == [0, 0, 0]
+
+
+def test_no_gradient_to_the_priors_on_either_backend(monkeypatch):
+    hm, s = torch.rand(2, 3, 4, 4, requires_grad=True), torch.randn(2, 3, 4, 4)
+    m = torch.rand(2, 3, 4, 4) > 0.5
+    results = {}
+    for backend in ("fused", "torch"):
+        monkeypatch.setenv("CLARITY_FAST_BACKEND", backend)
+        d = distance_map(m).requires_grad_()
+        out = segmentcam_losses(hm, s, torch.ones(2, 3), m, d)
+        total = out.prx + out.cnf + out.ac + out.bas
+        assert not total.grad_fn is None
+        total.backward()
+        results[backend] = (total.item(), d.grad)
+        hm.grad = None
+    assert results["fused"][1] is None and results["torch"][1] is None
+    assert results["fused"][0] == pytest.approx(results["torch"][0], rel=1e-5)
