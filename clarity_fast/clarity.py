@@ -13,11 +13,12 @@ from typing import Dict, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch.utils.checkpoint import checkpoint
 
+from .errors import InputError
 from .kernels import segmentcam_logits
 from .layers import Block, ClassTokenHead, SegmentCAM
 
@@ -98,13 +99,15 @@ class Clarity(nn.Module):
     ) -> None:
         super().__init__()
         img_size = to_2tuple(img_size)
+        if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
+            raise InputError(f"patch_size must be an integer >= 1, got {patch_size!r}")
         if any(s % patch_size for s in img_size):
-            raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
+            raise InputError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
         if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+            raise InputError(f"num_classes must be an int >= 1, got {num_classes!r}")
         for name, value in (("num_map_layers", num_map_layers), ("num_oct_layers", num_oct_layers)):
             if not 0 <= value <= depth:
-                raise ValueError(f"{name} must be in [0, depth={depth}], got {value}")
+                raise InputError(f"{name} must be in [0, depth={depth}], got {value}")
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
@@ -168,7 +171,7 @@ class Clarity(nn.Module):
         ``global_pool`` may be ``"attn"`` or ``"gap"`` to switch the class-token pooling.
         """
         if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+            raise InputError(f"num_classes must be an int >= 1, got {num_classes!r}")
         pool = global_pool or self.head.pool
         ref = self.cls_token.detach().mean(dim=1, keepdim=True)
         self.num_classes = self.num_prefix_tokens = num_classes
@@ -183,18 +186,18 @@ class Clarity(nn.Module):
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> Tuple[int, int]:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"x must be a 4-d image batch (B, {self.in_chans}, H, W), got "
+            raise InputError(f"x must be a 4-d image batch (B, {self.in_chans}, H, W), got "
                              f"{getattr(x, 'shape', type(x))}")
         if x.shape[1] != self.in_chans:
-            raise ValueError(f"x must have in_chans={self.in_chans} channels, got {x.shape[1]} "
+            raise InputError(f"x must have in_chans={self.in_chans} channels, got {x.shape[1]} "
                              f"(shape {tuple(x.shape)})")
         H, W = x.shape[-2:]
         if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"x height and width must be divisible by patch_size={self.patch_size}, "
+            raise InputError(f"x height and width must be divisible by patch_size={self.patch_size}, "
                              f"got {H}x{W}")
         grid = (H // self.patch_size, W // self.patch_size)
         if grid != tuple(self.grid_size) and not self.dynamic_img_size:
-            raise ValueError(f"x must be {self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]} "
+            raise InputError(f"x must be {self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]} "
                              f"for this model, got {H}x{W}; build it with that img_size or "
                              f"dynamic_img_size=True")
         return grid
@@ -254,7 +257,7 @@ class Clarity(nn.Module):
             return tuple(self.grid_size)
         side = math.isqrt(num_patches)
         if side * side != num_patches:
-            raise ValueError(f"cannot infer the patch grid of {num_patches} patches; "
+            raise InputError(f"cannot infer the patch grid of {num_patches} patches; "
                              f"use forward_outputs for non-square inputs")
         return side, side
 

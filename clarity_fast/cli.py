@@ -1,7 +1,8 @@
 """The ``clarity-fast`` command line: demo, train, eval, predict, prepare, masks, teacher-logits.
 
-Mistakes in what a user typed (missing data, bad config keys, unreadable images) end with one
-clear line on stderr and exit code 2, not a traceback.
+Mistakes in what a user gave (missing data, bad config values, unreadable files) end with one
+clear line on stderr and exit code 2 (:class:`clarity_fast.errors.InputError`); any other exception
+is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .errors import InputError
 from .pathologies import CLASS_NAMES
 
 # The main job on a CPU: a small CLARiTy on 128 px phantoms (8 px patches -> 16 x 16 maps).
@@ -26,17 +28,18 @@ DEMO_GPU = dict(model="clarity_s16_224", num_train=8000, num_val=1000, epochs=8,
                 warmup_epochs=1, layer_decay=1.0, output_dir="runs/demo", model_args=dict(in_chans=1))
 
 
-class UserError(Exception):
-    """A mistake in the command line or the data: reported as one line."""
-
-
 def model_geometry(cfg) -> Tuple[int, int]:
     """(img_size, patch_size) of the configured model."""
     import timm
     img = cfg.model_args.get("img_size")
     if img is None:
         img = timm.models.get_pretrained_cfg(cfg.model).input_size[-1]
-    return int(img), int(cfg.model_args.get("patch_size", 16))
+    patch = cfg.model_args.get("patch_size", 16)
+    if not isinstance(patch, int) or isinstance(patch, bool) or patch < 1:
+        raise InputError(f"patch_size must be an integer >= 1, got {patch!r}")
+    if not isinstance(img, int) or img % patch:
+        raise InputError(f"img_size {img!r} must be an integer divisible by patch_size {patch}")
+    return img, patch
 
 
 def build_datasets(cfg, progress: bool = True, train: bool = True):
@@ -53,7 +56,7 @@ def build_datasets(cfg, progress: bool = True, train: bool = True):
         return train_set, test
     from .nih import NIHCacheDataset
     if not cfg.cache_dir:
-        raise UserError("dataset=nih needs cache_dir=<folder made by 'clarity-fast prepare'>")
+        raise InputError("dataset=nih needs cache_dir=<folder made by 'clarity-fast prepare'>")
     return (NIHCacheDataset(cfg.cache_dir, "train", patch_size=patch) if train else None,
             NIHCacheDataset(cfg.cache_dir, "test", patch_size=patch))
 
@@ -61,15 +64,21 @@ def build_datasets(cfg, progress: bool = True, train: bool = True):
 def _load_teacher(path: Optional[str]):
     if not path:
         return None
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    return dict(zip(data["ids"], data["logits"].float()))
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return dict(zip(data["ids"], data["logits"].float()))
+    except Exception as e:
+        raise InputError(f"teacher_logits {path} is not a file made by 'clarity-fast teacher-logits' "
+                         f"({str(e).splitlines()[0][:120] if str(e) else e.__class__.__name__})") from None
 
 
-def _train_and_report(cfg, resume: bool, progress: bool = True) -> dict:
+def _train_and_report(cfg, resume: bool, progress: bool = True, overwrite: bool = False) -> dict:
     from .evaluation import evaluate_model, write_report
-    from .training import Trainer
+    from .training import Trainer, check_setup
+    check_setup(cfg)  # fail before minutes of data preparation
     train_set, test_set = build_datasets(cfg, progress)
-    trainer = Trainer(cfg, train_set, teacher=_load_teacher(cfg.teacher_logits), progress=progress)
+    trainer = Trainer(cfg, train_set, teacher=_load_teacher(cfg.teacher_logits), progress=progress,
+                      overwrite=overwrite)
     if resume:
         trainer.resume()
     t0 = time.perf_counter()
@@ -93,7 +102,7 @@ def _train_and_report(cfg, resume: bool, progress: bool = True) -> dict:
     return report
 
 
-def _print_summary(report: dict, out_dir: Path) -> None:
+def _print_summary(report: dict, out_dir: Path, stem: str = "report") -> None:
     cls = report["classification"]
     print(f"\nMacro AUC: {cls['macro_auc']:.3f} ({cls['macro_auc_classes']} of {cls['num_classes']} classes)")
     if "validation_classification" in report:
@@ -108,11 +117,12 @@ def _print_summary(report: dict, out_dir: Path) -> None:
         rows += [("random maps (baseline)", rnd["macro"], rnd["mean_iou_accuracy"])]
         for name, macro, mean in rows:
             print(f"  {name:<34}" + "  ".join(f"{v:.3f}" for v in macro.values()) + f"  {mean:.3f}")
-    print(f"report: {out_dir / 'report.md'}, overlays: {out_dir / 'overlays.png'}")
+    overlays = "overlays.png" if stem == "report" else f"{stem}_overlays.png"
+    print(f"report: {out_dir / (stem + '.md')}, overlays: {out_dir / overlays}")
 
 
 def cmd_demo(args) -> None:
-    from .training import load_config, TrainConfig
+    from .training import TrainConfig, load_config
     preset = DEMO_GPU if torch.cuda.is_available() and not args.cpu else DEMO_CPU
     cfg = load_config(None, args.set, base=TrainConfig(**preset))
     print(f"clarity-fast demo: training {cfg.model} {cfg.model_args} on {cfg.num_train} phantom images "
@@ -126,7 +136,9 @@ def cmd_train(args) -> None:
     from .training import load_config
     _init_distributed()
     cfg = load_config(args.config, args.set)
-    _train_and_report(cfg, resume=args.resume)
+    if args.resume and args.overwrite:
+        raise InputError("--resume and --overwrite contradict each other: pick one")
+    _train_and_report(cfg, resume=args.resume, overwrite=args.overwrite)
 
 
 def _init_distributed() -> None:
@@ -137,29 +149,37 @@ def _init_distributed() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def _load_model(checkpoint: str, config: Optional[str], sets: List[str]):
-    from .training import load_config, load_model_weights
+def _load_model(args):
+    """The model of ``args.checkpoint`` (EMA weights where the run kept them, unless ``--raw-weights``),
+    on ``args.device``, with its config; says which weights it loaded."""
+    from .training import _device, load_config, load_model_weights
     from .weights import create_model
-    path = Path(checkpoint)
+    path = Path(args.checkpoint)
+    config = args.config
     if config is None and path.is_dir() and (path / "config.yaml").exists():
         config = str(path / "config.yaml")
-    cfg = load_config(config, sets)
+    cfg = load_config(config, args.set)
+    device = _device(args.device)
     model = create_model(cfg.model, **cfg.model_args)
-    return load_model_weights(model, path).eval(), cfg
+    which = load_model_weights(model, path, ema=not args.raw_weights)
+    print(f"clarity-fast {args.command}: {which} on {device}", file=sys.stderr)
+    return model.to(device).eval(), cfg, device
 
 
 def cmd_eval(args) -> None:
     from .evaluation import evaluate_model
-    model, cfg = _load_model(args.checkpoint, args.config, args.set)
+    model, cfg, device = _load_model(args)
     _, test_set = build_datasets(cfg, train=False)
     out_dir = Path(args.output or Path(args.checkpoint) / "eval")
-    report = evaluate_model(model, test_set, CLASS_NAMES, out_dir, tune_at=cfg.xi_tune_at)
-    _print_summary(report, out_dir)
+    # beside the training report (report.md), never over it
+    report = evaluate_model(model, test_set, CLASS_NAMES, out_dir, tune_at=cfg.xi_tune_at, device=device,
+                            stem="eval_report")
+    _print_summary(report, out_dir, stem="eval_report")
 
 
 def cmd_predict(args) -> None:
     from .predict import predict_files
-    model, _ = _load_model(args.checkpoint, args.config, args.set)
+    model, _, _ = _load_model(args)
     results = predict_files(model, args.images, args.output, threshold=args.threshold)
     for r in results:
         top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[:3]
@@ -228,13 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of TrainConfig keys")
     p.add_argument("--set", **sets)
     p.add_argument("--resume", action="store_true", help="continue exactly from the run's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output_dir that holds another run's checkpoints (they are deleted)")
     p.set_defaults(func=cmd_train)
+    weights = dict(action="store_true", help="use the raw weights even where the run kept EMA weights")
+    device = dict(default="auto", help="auto (CUDA when present), cpu, cuda or cuda:<index> (default: %(default)s)")
 
     p = sub.add_parser("eval", help="evaluate a run (classification AUC and localization IoU accuracy)")
     p.add_argument("checkpoint", help="run folder, checkpoint folder or weights file")
     p.add_argument("--config", help="YAML config (default: the run folder's config.yaml)")
     p.add_argument("--set", **sets)
-    p.add_argument("--output", help="report folder (default: <checkpoint>/eval)")
+    p.add_argument("--output", help="report folder (default: <checkpoint>/eval; writes eval_report.*)")
+    p.add_argument("--raw-weights", **weights)
+    p.add_argument("--device", **device)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="image files -> PNG overlays and a JSON of probabilities and boxes")
@@ -244,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (default: the run folder's config.yaml)")
     p.add_argument("--set", **sets)
     p.add_argument("--threshold", type=float, default=0.5, help="ξ for the box of each finding")
+    p.add_argument("--raw-weights", **weights)
+    p.add_argument("--device", **device)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("phantom", help="a PNG contact sheet of the built-in phantom data set")
@@ -283,7 +311,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UserError, ValueError, FileNotFoundError) as e:
+    except (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         print(f"clarity-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .errors import InputError
 from .priors import distance_map
 
 
@@ -32,7 +33,7 @@ def normalize(images: torch.Tensor, in_chans: int) -> torch.Tensor:
     if in_chans == 1:
         mean, std = mean.mean().reshape(1), std.mean().reshape(1)
     elif in_chans != 3:
-        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        raise InputError(f"in_chans must be 1 or 3, got {in_chans}")
     mean = mean.to(images.device, images.dtype).view(1, -1, 1, 1)
     std = std.to(images.device, images.dtype).view(1, -1, 1, 1)
     return (images.expand(-1, in_chans, -1, -1) - mean) / std

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 from scipy.stats import rankdata
 
+from .errors import InputError
+
 IOU_THRESHOLDS: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 XI_CANDIDATES: Tuple[float, ...] = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2))
 
@@ -41,7 +43,7 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, classes: Sequen
     (``null`` in JSON) and is left out of the macro mean; ``macro_auc_classes`` counts the classes averaged."""
     probs, labels = np.asarray(probs), np.asarray(labels)
     if probs.shape != labels.shape or probs.ndim != 2 or probs.shape[1] != len(classes):
-        raise ValueError(f"probs and labels must both be (N, {len(classes)}), got {probs.shape} and {labels.shape}")
+        raise InputError(f"probs and labels must both be (N, {len(classes)}), got {probs.shape} and {labels.shape}")
     per_class = {c: roc_auc(probs[:, i], labels[:, i]) for i, c in enumerate(classes)}
     valid = [v for v in per_class.values() if not math.isnan(v)]
     return {"auc": per_class, "macro_auc": float(np.mean(valid)) if valid else float("nan"),
@@ -152,9 +154,9 @@ def localization_report(records: Sequence[BoxRecord], maps: Dict[str, torch.Tens
     """
     missing = sorted({r.image_id for r in records if r.image_id not in maps})
     if missing:
-        raise ValueError(f"maps are missing for {len(missing)} box images, e.g. {missing[:3]}")
+        raise InputError(f"maps are missing for {len(missing)} box images, e.g. {missing[:3]}")
     if tune_at is not None and not any(abs(tune_at - t) < 1e-9 for t in thresholds):
-        raise ValueError(f"tune_at must be one of the thresholds {tuple(thresholds)} or None, got {tune_at}")
+        raise InputError(f"tune_at must be one of the thresholds {tuple(thresholds)} or None, got {tune_at}")
     table = _iou_table(records, maps, candidates)  # (n_records, n_candidates)
     folds = patient_folds(records, seed)
     cls = np.array([r.class_index for r in records])

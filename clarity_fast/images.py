@@ -12,6 +12,8 @@ from typing import Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import InputError
+
 ACCEPTED_MODES = ("L", "LA", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I", "P")
 MIN_SIDE = 64
 
@@ -21,18 +23,18 @@ def decode_xray(path: Union[str, Path]) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if im.mode not in ACCEPTED_MODES:
-                raise ValueError(f"unsupported image mode {im.mode}")
+                raise InputError(f"unsupported image mode {im.mode}")
             if min(im.size) < MIN_SIDE:
-                raise ValueError(f"image too small ({im.size[0]}x{im.size[1]}, expected at least {MIN_SIDE})")
+                raise InputError(f"image too small ({im.size[0]}x{im.size[1]}, expected at least {MIN_SIDE})")
             im.load()
             if im.mode.startswith("I"):
                 a = np.asarray(im, dtype=np.float64)
                 return (a / max(a.max(), 1) * 255).round().astype(np.uint8)
             return np.asarray(im.convert("L"))
     except Image.DecompressionBombError as e:
-        raise ValueError(f"image too large ({e})") from None
+        raise InputError(f"image too large ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot decode ({e.__class__.__name__}: {e})") from None
+        raise InputError(f"cannot decode ({e.__class__.__name__}: {e})") from None
 
 
 def resize_square(a: np.ndarray, size: int) -> np.ndarray:

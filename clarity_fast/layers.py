@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
 
+from .errors import InputError
 from .kernels import class_token_attention
 
 POOLS = ("attn", "gap")
@@ -23,7 +24,7 @@ class ClassTokenAttention(nn.Module):
                  proj_bias: bool = True, proj_drop: float = 0.0) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+            raise InputError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
@@ -79,7 +80,7 @@ class ClassTokenHead(nn.Module):
     def __init__(self, embed_dim: int, num_classes: int, pool: str = "attn") -> None:
         super().__init__()
         if pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+            raise InputError(f"pool must be one of {POOLS}, got {pool!r}")
         self.pool = pool
         if pool == "attn":
             self.attn = nn.Linear(embed_dim, embed_dim)

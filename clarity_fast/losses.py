@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .clarity import ClarityOutput
+from .errors import InputError
 from .kernels import SegmentCAMLosses, segmentcam_losses
 from .kernels.segmentcam_losses import raise_if_invalid
 from .priors import distance_map
@@ -24,7 +25,7 @@ def oct_loss(class_states: torch.Tensor, mode: str = "oct") -> torch.Tensor:
     ``"cct"``: mean cosine (contrastive, towards negative). 0 when C = 1.
     """
     if mode not in OCT_MODES:
-        raise ValueError(f"mode must be one of {OCT_MODES}, got {mode!r}")
+        raise InputError(f"mode must be one of {OCT_MODES}, got {mode!r}")
     C = class_states.shape[-2]
     if C < 2:
         return class_states.new_zeros(())
@@ -60,7 +61,7 @@ class LossOutput:
 
 def _check_map(name: str, t: Optional[torch.Tensor], expected: torch.Size) -> None:
     if t is not None and tuple(t.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape (B, C, h, w) = {tuple(expected)}, got {tuple(t.shape)}")
+        raise InputError(f"{name} must have shape (B, C, h, w) = {tuple(expected)}, got {tuple(t.shape)}")
 
 
 class ClarityLoss(nn.Module):
@@ -83,11 +84,11 @@ class ClarityLoss(nn.Module):
                  eps: float = 1e-6, validate: bool = True, validate_every: int = 25) -> None:
         super().__init__()
         if validate_every < 1:
-            raise ValueError(f"validate_every must be >= 1, got {validate_every}")
+            raise InputError(f"validate_every must be >= 1, got {validate_every}")
         if oct_mode not in OCT_MODES:
-            raise ValueError(f"oct_mode must be one of {OCT_MODES}, got {oct_mode!r}")
+            raise InputError(f"oct_mode must be one of {OCT_MODES}, got {oct_mode!r}")
         if kd_temperature <= 0:
-            raise ValueError(f"kd_temperature must be > 0, got {kd_temperature}")
+            raise InputError(f"kd_temperature must be > 0, got {kd_temperature}")
         self.weights = dict(cls=lambda_cls, kd=lambda_kd, oct=lambda_oct, prx=lambda_prx, cnf=lambda_cnf,
                             ac=lambda_ac, bas=lambda_bas)
         self.oct_mode = oct_mode
@@ -108,12 +109,12 @@ class ClarityLoss(nn.Module):
     def forward(self, out: ClarityOutput, targets: torch.Tensor, masks: Optional[torch.Tensor] = None,
                 dist: Optional[torch.Tensor] = None, teacher_logits: Optional[torch.Tensor] = None) -> LossOutput:
         if tuple(targets.shape) != tuple(out.logits.shape):
-            raise ValueError(f"targets must have shape (B, C) = {tuple(out.logits.shape)}, got {tuple(targets.shape)}")
+            raise InputError(f"targets must have shape (B, C) = {tuple(out.logits.shape)}, got {tuple(targets.shape)}")
         if teacher_logits is not None and tuple(teacher_logits.shape) != tuple(out.logits.shape):
-            raise ValueError(f"teacher_logits must have shape (B, C) = {tuple(out.logits.shape)}, "
+            raise InputError(f"teacher_logits must have shape (B, C) = {tuple(out.logits.shape)}, "
                              f"got {tuple(teacher_logits.shape)}")
         if dist is not None and masks is None:
-            raise ValueError("dist was given without masks; pass the masks it was computed from")
+            raise InputError("dist was given without masks; pass the masks it was computed from")
         y = targets.float()
         zero = out.logits.new_zeros((), dtype=torch.float32)
         terms = dict.fromkeys(TERMS, zero)
@@ -127,7 +128,7 @@ class ClarityLoss(nn.Module):
             terms["oct"] = oct_loss(out.class_states, self.oct_mode)
         if out.scores is not None:
             if out.heatmap_logits is None:
-                raise ValueError("out.heatmap_logits is needed for the SegmentCAM losses (ClarityOutput from "
+                raise InputError("out.heatmap_logits is needed for the SegmentCAM losses (ClarityOutput from "
                                  "Clarity.forward_outputs has it)")
             _check_map("masks", masks, out.heatmap_logits.shape)
             _check_map("dist", dist, out.heatmap_logits.shape)

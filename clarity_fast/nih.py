@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .errors import InputError
 from .images import decode_xray, resize_square
 from .pathologies import CLASS_NAMES, class_masks
 from .phantom import grid_regions
@@ -66,7 +68,7 @@ def read_boxes(csv_path: Optional[PathLike] = None) -> "pandas.DataFrame":  # no
     df["label"] = df["label"].replace({"Infiltrate": "Infiltration"})
     unknown = sorted(set(df["label"]) - set(CLASS_NAMES))
     if unknown:
-        raise ValueError(f"{path}: unknown box labels {unknown}")
+        raise InputError(f"{path}: unknown box labels {unknown}")
     df["class_index"] = df["label"].map(CLASS_NAMES.index)
     return df
 
@@ -116,12 +118,12 @@ def load_index(cache_dir: PathLike, require_complete: bool = True) -> Dict:
     try:
         index = json.loads(path.read_text())
         if index.get("version") != CACHE_VERSION or len(index["ids"]) != len(index["split"]):
-            raise ValueError("unexpected layout")
+            raise InputError("unexpected layout")
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"cache index {path} is corrupt ({e}); delete {cache_dir} and run 'clarity-fast prepare' "
+        raise InputError(f"cache index {path} is corrupt ({e}); delete {cache_dir} and run 'clarity-fast prepare' "
                          f"again") from None
     if require_complete and not index.get("complete"):
-        raise ValueError(f"the cache at {cache_dir} is incomplete: run 'clarity-fast prepare' again to finish it")
+        raise InputError(f"the cache at {cache_dir} is incomplete: run 'clarity-fast prepare' again to finish it")
     return index
 
 
@@ -155,10 +157,10 @@ def prepare(data_dir: PathLike, cache_dir: PathLike, size: int = 512, val_fracti
     if resuming:
         prev = load_index(cache_dir, require_complete=False)
         if prev["size"] != size:
-            raise ValueError(f"the cache at {cache_dir} holds images of size {prev['size']}, not {size}: prepare size "
+            raise InputError(f"the cache at {cache_dir} holds images of size {prev['size']}, not {size}: prepare size "
                              f"{size} into another folder (a cache keeps one size)")
         if prev["ids"] != ids:
-            raise ValueError(f"the cache at {cache_dir} was prepared from another set of images: use another folder "
+            raise InputError(f"the cache at {cache_dir} was prepared from another set of images: use another folder "
                              f"or delete this one")
         index["complete"] = prev.get("complete", False)
     else:
@@ -272,7 +274,7 @@ def load_chestx_det(weights: Optional[PathLike] = None) -> ChestXDetSegmenter:
         net.load_state_dict(state)
     except Exception as e:  # any unpickling, format or key mismatch: not the file we need
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise ValueError(f"{path} is not ChestX-Det PSPNet weights ({PSPNET_FILE}): {first[:200]}") from None
+        raise InputError(f"{path} is not ChestX-Det PSPNet weights ({PSPNET_FILE}): {first[:200]}") from None
     return ChestXDetSegmenter(net).eval()
 
 
@@ -286,7 +288,7 @@ def compute_masks(cache_dir: PathLike, segmenter: nn.Module, patch_size: int = 1
     index = load_index(cache_dir)
     N, S = len(index["ids"]), index["size"]
     if S % patch_size:
-        raise ValueError(f"cache size {S} is not divisible by patch_size {patch_size}")
+        raise InputError(f"cache size {S} is not divisible by patch_size {patch_size}")
     h = w = S // patch_size
     tag = f"{h}x{w}"
     images = np.memmap(cache_dir / f"images_{S}.u8", dtype=np.uint8, mode="r", shape=(N, S, S))
@@ -329,7 +331,7 @@ class NIHCacheDataset(torch.utils.data.Dataset):
     def __init__(self, cache_dir: PathLike, split: str, patch_size: int = 16,
                  boxes_csv: Optional[PathLike] = None) -> None:
         if split not in ("train", "val", "test"):
-            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+            raise InputError(f"split must be 'train', 'val' or 'test', got {split!r}")
         self.cache_dir = Path(cache_dir)
         index = load_index(cache_dir)
         S, N = index["size"], len(index["ids"])

@@ -10,6 +10,8 @@ from typing import Dict, NamedTuple, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
+
 # torchxrayvision's NIH order (alphabetical)
 CLASS_NAMES: Tuple[str, ...] = (
     "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
@@ -69,11 +71,11 @@ def class_masks(region_masks: torch.Tensor, classes: Sequence[str] = CLASS_NAMES
     ``(..., len(classes), h, w)`` bool: the union of each class's regions, dilated by
     ``dilation`` (+ the class's extra) patches."""
     if region_masks.shape[-3] != len(REGION_NAMES):
-        raise ValueError(f"region_masks must have {len(REGION_NAMES)} regions (REGION_NAMES) at dim -3, "
+        raise InputError(f"region_masks must have {len(REGION_NAMES)} regions (REGION_NAMES) at dim -3, "
                          f"got shape {tuple(region_masks.shape)}")
     missing = [c for c in classes if c not in table]
     if missing:
-        raise ValueError(f"no anatomical regions configured for classes {missing}")
+        raise InputError(f"no anatomical regions configured for classes {missing}")
     index = {r: i for i, r in enumerate(REGION_NAMES)}
     out = []
     for c in classes:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from .errors import InputError
 from .pathologies import CLASS_NAMES, REGION_NAMES, class_masks
 from .priors import distance_map
 
@@ -221,7 +222,7 @@ def _lesion(name, rng, cv, lungs, heart, mediastinum, diaphragm, hili, cx, cy):
         m = lung & (cv.v < apex + rng.uniform(0.1, 0.16))
         line = m & ~(np.roll(m, 2, axis=1) & np.roll(m, -2, axis=1) & np.roll(m, 2, axis=0))
         return -0.1 * m + 0.25 * line, _bbox(m)
-    raise ValueError(f"unknown class {name!r}")
+    raise InputError(f"unknown class {name!r}")
 
 
 def grid_regions(regions: Union[np.ndarray, torch.Tensor], grid: Tuple[int, int]) -> torch.Tensor:
@@ -243,9 +244,9 @@ class PhantomDataset(torch.utils.data.Dataset):
     def __init__(self, num_images: int = 1000, img_size: int = 224, patch_size: int = 16, seed: int = 0,
                  classes: Tuple[str, ...] = CLASS_NAMES) -> None:
         if img_size % patch_size:
-            raise ValueError(f"img_size ({img_size}) must be divisible by patch_size ({patch_size})")
+            raise InputError(f"img_size ({img_size}) must be divisible by patch_size ({patch_size})")
         if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
+            raise InputError(f"num_images must be >= 1, got {num_images}")
         self.num_images, self.img_size, self.seed, self.classes = num_images, img_size, seed, tuple(classes)
         self.grid = (img_size // patch_size, img_size // patch_size)
 

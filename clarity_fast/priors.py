@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
 
+from .errors import InputError
+
 
 def distance_map(masks: torch.Tensor) -> torch.Tensor:
     """Exact Euclidean distance to the nearest mask pixel, divided by the grid diagonal.
@@ -16,7 +18,7 @@ def distance_map(masks: torch.Tensor) -> torch.Tensor:
     Computed once per mask (data preparation), not per training step.
     """
     if masks.dim() < 2:
-        raise ValueError(f"masks must be at least 2-d (..., h, w), got shape {tuple(masks.shape)}")
+        raise InputError(f"masks must be at least 2-d (..., h, w), got shape {tuple(masks.shape)}")
     h, w = masks.shape[-2:]
     flat = (masks.detach().cpu().reshape(-1, h, w) != 0).numpy()
     out = np.zeros(flat.shape, dtype=np.float32)

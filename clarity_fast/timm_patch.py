@@ -16,6 +16,7 @@ import torch.nn as nn
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
+from .errors import InputError
 from .kernels import class_token_attention
 
 
@@ -29,9 +30,9 @@ class AttentionWithMaps(Attention):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
-            raise ValueError("patched attention supports neither attn_mask nor is_causal")
+            raise InputError("patched attention supports neither attn_mask nor is_causal")
         if self.training and self.attn_drop.p > 0:
-            raise ValueError("patched attention does not support attention dropout in training")
+            raise InputError("patched attention does not support attention dropout in training")
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -50,18 +51,18 @@ def patch_timm(model: nn.Module, layers: Iterable[int] = (-1,)) -> nn.Module:
     optionally register tokens) in place; record CLS->patch maps in ``layers`` (negative = from the end).
     Parameters and outputs are unchanged. Returns ``model``."""
     if not isinstance(model, VisionTransformer):
-        raise ValueError(f"model must be a timm VisionTransformer, got {type(model).__name__}")
+        raise InputError(f"model must be a timm VisionTransformer, got {type(model).__name__}")
     if getattr(model, "cls_token", None) is None:
-        raise ValueError("model must have a class token (class_token=True) to give CLS->patch maps")
+        raise InputError("model must have a class token (class_token=True) to give CLS->patch maps")
     depth = len(model.blocks)
     wanted = set()
     for i in layers:
         if not -depth <= i < depth:
-            raise ValueError(f"layers must index the {depth} blocks, got {i}")
+            raise InputError(f"layers must index the {depth} blocks, got {i}")
         wanted.add(i % depth)
     for i, blk in enumerate(model.blocks):
         if type(blk.attn) not in (Attention, AttentionWithMaps):
-            raise ValueError(f"blocks.{i}.attn is {type(blk.attn).__name__}; only timm's Attention can be patched")
+            raise InputError(f"blocks.{i}.attn is {type(blk.attn).__name__}; only timm's Attention can be patched")
         blk.attn.__class__ = AttentionWithMaps
         blk.attn.num_prefix_tokens = model.num_prefix_tokens
         blk.attn.record_maps = i in wanted
@@ -80,5 +81,5 @@ def attention_maps(model: nn.Module) -> Dict[int, torch.Tensor]:
         h, w = grid if grid[0] * grid[1] == P else (math.isqrt(P), P // math.isqrt(P))
         out[i] = maps.reshape(maps.shape[0], h, w)
     if not out:
-        raise ValueError("no maps recorded: call patch_timm(model, layers=...) and run a forward first")
+        raise InputError("no maps recorded: call patch_timm(model, layers=...) and run a forward first")
     return out

@@ -24,6 +24,7 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
 from .clarity import Clarity, init_class_tokens
+from .errors import InputError
 
 BACKBONE_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 DROPPED_PREFIXES = ("head.", "fc_norm.", "reg_token", "attn_pool.")
@@ -36,11 +37,18 @@ def load_checkpoint_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path), device="cpu")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path), device="cpu")
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint, or holding objects weights_only refuses
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        raise InputError(f"{path} is not a readable checkpoint file ({first[:160]})") from None
+    if not isinstance(checkpoint, dict):
+        raise InputError(f"{path} holds a {type(checkpoint).__name__}, not a state dict of tensors")
+    return checkpoint
 
 
 def unwrap_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
@@ -75,7 +83,7 @@ def _split_pos_embed(pos_embed: torch.Tensor, num_prefix: Optional[int]):
         num_prefix = n - side * side
     side = math.isqrt(n - num_prefix)
     if side * side != n - num_prefix:
-        raise ValueError(f"pos_embed with {n} positions ({num_prefix} prefix) is not a square patch grid")
+        raise InputError(f"pos_embed with {n} positions ({num_prefix} prefix) is not a square patch grid")
     return pos_embed[:, :num_prefix], pos_embed[:, num_prefix:], side
 
 
@@ -95,7 +103,7 @@ def convert_to_clarity(state_dict: Dict[str, torch.Tensor], model: Clarity) -> D
     unexpected = [k for k in sd if k not in target]
     missing = [k for k in target if _is_backbone_key(k) and k not in sd]
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing keys {missing[:8]}"
+        raise InputError(f"checkpoint does not match the model: missing keys {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
                          f"{' ...' if len(unexpected) > 8 else ''}")
     out = dict(target)
@@ -107,7 +115,7 @@ def convert_to_clarity(state_dict: Dict[str, torch.Tensor], model: Clarity) -> D
         _, patch_pos, side = _split_pos_embed(sd["pos_embed"], 0)
         out["cls_token"] = sd["cls_token"]
         if out["cls_token"].shape != target["cls_token"].shape:
-            raise ValueError(f"checkpoint has {sd['cls_token'].shape[1]} class tokens, the model "
+            raise InputError(f"checkpoint has {sd['cls_token'].shape[1]} class tokens, the model "
                              f"num_classes={model.num_classes}; build the model with that many classes "
                              f"and call reset_classifier")
     else:
@@ -126,7 +134,7 @@ def convert_to_clarity(state_dict: Dict[str, torch.Tensor], model: Clarity) -> D
     out["patch_embed.proj.weight"] = _adapt_in_chans(sd["patch_embed.proj.weight"], model.in_chans)
     for k in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
         if out[k].shape != target[k].shape:
-            raise ValueError(f"checkpoint {k} has shape {tuple(out[k].shape)} after conversion, "
+            raise InputError(f"checkpoint {k} has shape {tuple(out[k].shape)} after conversion, "
                              f"the model expects {tuple(target[k].shape)}")
     return out
 
@@ -136,7 +144,7 @@ def _adapt_in_chans(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
         return weight
     if in_chans == 1 and weight.shape[1] == 3:
         return weight.sum(dim=1, keepdim=True)
-    raise ValueError(f"checkpoint patch_embed.proj has {weight.shape[1]} input channels; "
+    raise InputError(f"checkpoint patch_embed.proj has {weight.shape[1]} input channels; "
                      f"only 3 -> 1 (in_chans=1) conversion is supported, model in_chans={in_chans}")
 
 
@@ -148,7 +156,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Clarity) ->
 
 def load_pretrained(model: Clarity, path: Union[str, Path]) -> Clarity:
     """Load a local DINO / timm / CLARiTy checkpoint file into ``model`` (strict)."""
-    model.load_state_dict(convert_to_clarity(load_checkpoint_file(path), model), strict=True)
+    state = convert_to_clarity(load_checkpoint_file(path), model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # shapes that do not fit: another width, patch size or class count
+        detail = " ".join(str(e).split())[:300]
+        raise InputError(f"{path} does not fit this model (check num_classes and model_args): {detail}") from None
     return model
 
 
@@ -158,11 +171,12 @@ def create_model(model_name: str, pretrained: Union[None, bool, str, Path] = Non
     ``kwargs`` go to the model constructor (``num_classes``, ``in_chans``, ``img_size``, ...).
     """
     if pretrained is True:
-        raise ValueError("pretrained=True: no weights can be downloaded; pass the path of a local "
+        raise InputError("pretrained=True: no weights can be downloaded; pass the path of a local "
                          "DINO ViT-S/16 checkpoint (.pth or .safetensors) as pretrained")
+    known = timm.list_models("clarity_*")
+    if model_name not in known:
+        raise InputError(f"model_name must name a CLARiTy model ({', '.join(known)}), got {model_name!r}")
     model = timm.create_model(model_name, pretrained=False, **kwargs)
-    if not isinstance(model, Clarity):
-        raise ValueError(f"model_name must name a CLARiTy model (e.g. 'clarity_s16_224'), got {model_name!r}")
     if pretrained:
         load_pretrained(model, pretrained)
     return model
@@ -177,12 +191,12 @@ def from_timm(vit: nn.Module, num_classes: int = 14, **kwargs) -> Clarity:
     """
     from timm.models.vision_transformer import VisionTransformer
     if not isinstance(vit, VisionTransformer):
-        raise ValueError(f"vit must be a timm VisionTransformer, got {type(vit).__name__}")
+        raise InputError(f"vit must be a timm VisionTransformer, got {type(vit).__name__}")
     if getattr(vit, "cls_token", None) is None:
-        raise ValueError("vit must have a class token (class_token=True) to initialise the class tokens")
+        raise InputError("vit must have a class token (class_token=True) to initialise the class tokens")
     blk = vit.blocks[0]
     if not isinstance(blk.attn.q_norm, nn.Identity) or not isinstance(blk.attn.norm, nn.Identity):
-        raise ValueError("vit uses qk_norm / scale_norm, which the CLARiTy attention does not support")
+        raise InputError("vit uses qk_norm / scale_norm, which the CLARiTy attention does not support")
     ls = getattr(blk, "ls1", None)
     config = dict(
         img_size=tuple(vit.patch_embed.img_size), patch_size=vit.patch_embed.patch_size[0],

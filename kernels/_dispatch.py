@@ -25,6 +25,8 @@ from typing import Callable, Dict, Hashable, List, Sequence
 
 import torch
 
+from ..errors import InputError
+
 BACKENDS = ("auto", "fused", "sdpa+maps", "torch")
 _LOG = logging.getLogger("clarity_fast.kernels")
 
@@ -33,7 +35,7 @@ def backend() -> str:
     """The backend named by ``CLARITY_FAST_BACKEND`` (validated)."""
     name = os.environ.get("CLARITY_FAST_BACKEND", "auto").strip().lower() or "auto"
     if name not in BACKENDS:
-        raise ValueError(f"CLARITY_FAST_BACKEND must be one of {BACKENDS}, got {name!r}")
+        raise InputError(f"CLARITY_FAST_BACKEND must be one of {BACKENDS}, got {name!r}")
     return name
 
 
@@ -48,9 +50,9 @@ def interpreter_enabled() -> bool:
 def check_triton_can_run(name: str, t: torch.Tensor) -> None:
     """Raise a ValueError naming the forced backend ``name`` when Triton cannot run on ``t``'s device."""
     if not triton_available():
-        raise ValueError(f"CLARITY_FAST_BACKEND={name} needs Triton, which is not installed")
+        raise InputError(f"CLARITY_FAST_BACKEND={name} needs Triton, which is not installed")
     if not t.is_cuda and not interpreter_enabled():
-        raise ValueError(f"CLARITY_FAST_BACKEND={name} on {t.device.type} tensors needs the Triton interpreter: "
+        raise InputError(f"CLARITY_FAST_BACKEND={name} on {t.device.type} tensors needs the Triton interpreter: "
                          "set TRITON_INTERPRET=1 before clarity_fast is imported")
 
 
@@ -100,7 +102,7 @@ def choose_fastest(key: Hashable, candidates: Dict[str, Callable[[], None]],
     if cache_key not in _CHOICES:
         names = [n for n in candidates if not det or n in deterministic]
         if not names:
-            raise ValueError(f"no deterministic backend among {list(candidates)} for {key}")
+            raise InputError(f"no deterministic backend among {list(candidates)} for {key}")
         times = {n: timer(n, candidates[n]) for n in names} if len(names) > 1 else {names[0]: float("nan")}
         choice = min(names, key=lambda n: times[n]) if len(names) > 1 else names[0]
         _CHOICES[cache_key] = dict(key=key, deterministic=det, choice=choice, seconds=times)

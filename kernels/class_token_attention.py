@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from . import _dispatch
 from ._dispatch import backend, check_triton_can_run, triton_available
 
@@ -48,31 +49,31 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_class_to
     """Raise a ValueError naming the argument for anything outside the contract."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-d tensor (B, num_heads, N, head_dim), "
+            raise InputError(f"{name} must be a 4-d tensor (B, num_heads, N, head_dim), "
                              f"got {getattr(t, 'shape', type(t))}")
         if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} must be fp16, bf16, fp32 or fp64, got {t.dtype}")
+            raise InputError(f"{name} must be fp16, bf16, fp32 or fp64, got {t.dtype}")
     if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k and v must have the same shape, got q {tuple(q.shape)}, "
+        raise InputError(f"q, k and v must have the same shape, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise InputError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise InputError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     B, _, N, _ = q.shape
     if not isinstance(num_class_tokens, int) or not 1 <= num_class_tokens < N:
-        raise ValueError(f"num_class_tokens must be an int with 1 <= num_class_tokens < N = {N}, "
+        raise InputError(f"num_class_tokens must be an int with 1 <= num_class_tokens < N = {N}, "
                          f"got {num_class_tokens!r}")
     if maps is not None:
         if map_weight is None:
-            raise ValueError("maps was given but map_weight is None; pass map_weight to accumulate maps")
+            raise InputError("maps was given but map_weight is None; pass map_weight to accumulate maps")
         expected = (B, num_class_tokens, N - num_class_tokens)
         if tuple(maps.shape) != expected:
-            raise ValueError(f"maps must have shape (B, C, N - C) = {expected}, got {tuple(maps.shape)}")
+            raise InputError(f"maps must have shape (B, C, N - C) = {expected}, got {tuple(maps.shape)}")
         if maps.dtype != maps_dtype(q.dtype):
-            raise ValueError(f"maps must be {maps_dtype(q.dtype)} for {q.dtype} inputs, got {maps.dtype}")
+            raise InputError(f"maps must be {maps_dtype(q.dtype)} for {q.dtype} inputs, got {maps.dtype}")
         if maps.device != q.device:
-            raise ValueError(f"maps must be on {q.device}, got {maps.device}")
+            raise InputError(f"maps must be on {q.device}, got {maps.device}")
 
 
 def class_token_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_class_tokens: int,
@@ -145,7 +146,7 @@ def attention_backend(q: torch.Tensor, num_class_tokens: int, with_maps: bool) -
         check_triton_can_run(name, q)
         why = _why_triton_cannot(q, num_class_tokens)
         if why:
-            raise ValueError(f"CLARITY_FAST_BACKEND={name} cannot run this call: {why}")
+            raise InputError(f"CLARITY_FAST_BACKEND={name} cannot run this call: {why}")
         return name
     if not (q.is_cuda and _triton is not None) or q.dtype == torch.float64 or not triton_supports(q, num_class_tokens):
         return "torch"

@@ -21,6 +21,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
+
 
 class SegmentCAMLosses(NamedTuple):
     """Scalar losses, ``(B, C)`` logits of the SegmentCAM head and ``invalid``: ``(3,)`` counts of
@@ -56,31 +58,31 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _validate_shapes(heatmap: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
                      masks: Optional[torch.Tensor], dist: Optional[torch.Tensor]) -> None:
     if heatmap.dim() != 4:
-        raise ValueError(f"heatmap must be (B, C, h, w), got shape {tuple(heatmap.shape)}")
+        raise InputError(f"heatmap must be (B, C, h, w), got shape {tuple(heatmap.shape)}")
     if heatmap.numel() == 0:
-        raise ValueError(f"heatmap must not be empty (B, C, h, w all >= 1), got shape {tuple(heatmap.shape)}")
+        raise InputError(f"heatmap must not be empty (B, C, h, w all >= 1), got shape {tuple(heatmap.shape)}")
     for name, t in (("scores", scores), ("masks", masks), ("dist", dist)):
         if t is not None and t.shape != heatmap.shape:
-            raise ValueError(f"{name} must have the heatmap's shape (B, C, h, w) = {tuple(heatmap.shape)}, "
+            raise InputError(f"{name} must have the heatmap's shape (B, C, h, w) = {tuple(heatmap.shape)}, "
                              f"got {tuple(t.shape)}")
     if tuple(labels.shape) != tuple(heatmap.shape[:2]):
-        raise ValueError(f"labels must have shape (B, C) = {tuple(heatmap.shape[:2])}, got {tuple(labels.shape)}")
+        raise InputError(f"labels must have shape (B, C) = {tuple(heatmap.shape[:2])}, got {tuple(labels.shape)}")
     if (masks is None) != (dist is None):
-        raise ValueError("masks and dist must be given together (dist = clarity_fast.priors.distance_map(masks))")
+        raise InputError("masks and dist must be given together (dist = clarity_fast.priors.distance_map(masks))")
     for name, t in (("heatmap", heatmap), ("scores", scores)):
         if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+            raise InputError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
 def raise_if_invalid(invalid: torch.Tensor, where: str = "") -> None:
     """Raise the clear ValueError for ``invalid`` counts (see :class:`SegmentCAMLosses`); one host read."""
     nonfinite, bad_labels, bad_priors = (int(v) for v in invalid.tolist())
     if nonfinite:
-        raise ValueError(f"heatmap or scores contain {nonfinite} non-finite value(s) (NaN or inf){where}")
+        raise InputError(f"heatmap or scores contain {nonfinite} non-finite value(s) (NaN or inf){where}")
     if bad_labels:
-        raise ValueError(f"labels must contain only 0 and 1; {bad_labels} entries do not{where}")
+        raise InputError(f"labels must contain only 0 and 1; {bad_labels} entries do not{where}")
     if bad_priors:
-        raise ValueError(f"masks must contain only 0 and 1 (bool, or 0/1 as uint8 or float) and dist must be finite; "
+        raise InputError(f"masks must contain only 0 and 1 (bool, or 0/1 as uint8 or float) and dist must be finite; "
                          f"{bad_priors} entries are not{where}")
 
 

@@ -37,8 +37,8 @@ def test_config_round_trip_and_override_errors(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
     for bad, match in (("bogus=1", "unknown config key 'bogus'"), ("loss.lambda_x=1", "unknown loss keys"),
-                       ("model_args.width=3", "unknown model_args keys"), ("epochs=abc", "must be a number"),
-                       ("epochs", "key=value"), ("amp=3", "true or false"), ("dataset=imagenet", "dataset must be")):
+                       ("model_args.width=3", "unknown model_args keys"), ("epochs=abc", "must be an integer >= 1"),
+                       ("epochs", "key=value"), ("amp=3", "true or false"), ("dataset=imagenet", "'dataset' must be 'phantom' or 'nih'")):
         with pytest.raises(ValueError, match=match):
             load_config(None, [bad])
 
@@ -95,14 +95,14 @@ def _ddp_worker(rank, world, init_file, out_dir, data):
                       layer_decay=1.0, output_dir=str(out_dir), device="cpu", max_steps=3, log_every=1).validate()
     trainer = Trainer(cfg, data, progress=False)
     trainer.fit()
-    torch.save({k: v for k, v in trainer.model.named_parameters()}, Path(out_dir) / f"rank{rank}.pt")
+    torch.save(trainer.model.state_dict(), Path(out_dir) / f"rank{rank}.pt")  # parameters and buffers
     dist.destroy_process_group()
 
 
-def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, phantoms):
+def test_ddp_two_cpu_processes_end_with_identical_weights_and_buffers(tmp_path, phantoms):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), phantoms), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and any("running_mean" in k for k in a)  # SegmentCAM BatchNorm statistics
     for k in a:
         assert torch.equal(a[k], b[k]), k
     start = Trainer(tiny_cfg(tmp_path / "fresh"), phantoms, progress=False).model.state_dict()
@@ -150,7 +150,7 @@ def test_cli_train_then_eval_round_trip(tmp_path, capsys):
     assert cli.main(args) == 0
     assert "Macro AUC" in capsys.readouterr().out
     assert cli.main(["eval", str(run), "--output", str(tmp_path / "again")]) == 0
-    report = __import__("json").loads((tmp_path / "again" / "report.json").read_text())
+    report = __import__("json").loads((tmp_path / "again" / "eval_report.json").read_text())
     assert set(report) >= {"classification", "localization", "random_baseline"}
 
 
@@ -196,3 +196,227 @@ def test_demo_command_end_to_end_small(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Macro AUC" in out and "random maps (baseline)" in out
     assert (tmp_path / "demo" / "eval" / "overlays.png").exists()
+
+
+# --------------------------------------------------------------------------- never lose work (issue 10)
+
+
+def test_a_new_run_never_writes_into_another_runs_folder(tmp_path, phantoms, capsys):
+    Trainer(tiny_cfg(tmp_path, max_steps=12, save_every_steps=2), phantoms, progress=False).fit()
+    run = tmp_path / "run"
+    before = sorted(p.name for p in run.glob("ckpt-*"))
+    assert before == ["ckpt-00000010", "ckpt-00000012"]
+    log_before = (run / "log.csv").read_text()
+    with pytest.raises(ValueError, match="already holds a run's checkpoints: pass --resume"):
+        Trainer(tiny_cfg(tmp_path, max_steps=4), phantoms, progress=False).fit()
+    assert sorted(p.name for p in run.glob("ckpt-*")) == before and (run / "log.csv").read_text() == log_before
+    assert latest_checkpoint(run).name == "ckpt-00000012"
+    assert cli.main(["train", "--set", f"output_dir={run}", "--set", "device=cpu"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    Trainer(tiny_cfg(tmp_path, max_steps=4), phantoms, progress=False, overwrite=True).fit()
+    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-00000004"]
+
+
+def test_rotation_is_by_step_number_and_keeps_the_newest(tmp_path):
+    from clarity_fast.training import save_checkpoint
+    model = torch.nn.Linear(2, 2)
+    for step in (9, 10, 100_000_000, 11):  # 9-digit step names sort before 8-digit ones as text
+        save_checkpoint(tmp_path, model, dict(step=step))
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-00000011", "ckpt-100000000"]
+    assert latest_checkpoint(tmp_path).name == "ckpt-00000011"
+
+
+def test_resume_runs_no_pickled_code_and_follows_no_outside_pointer(tmp_path, phantoms):
+    import pickle
+    Trainer(tiny_cfg(tmp_path, max_steps=2), phantoms, progress=False).fit()
+    run = tmp_path / "run"
+    ckpt = latest_checkpoint(run)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    state["extra"] = Payload()
+    with open(ckpt / "trainer_state.pt", "wb") as f:
+        pickle.dump(state, f)
+    trainer = Trainer(tiny_cfg(tmp_path), phantoms, progress=False)
+    with pytest.raises(ValueError, match="is not a clarity_fast trainer state; refusing to load it"):
+        trainer.resume()
+    assert not marker.exists()
+    outside = tmp_path / "elsewhere" / "ckpt-00000001"
+    outside.mkdir(parents=True)
+    for name in ("model.safetensors", "trainer_state.pt"):
+        (outside / name).write_bytes(b"x")
+    for pointer in ("../elsewhere/ckpt-00000001", str(outside), "ckpt-1/../../elsewhere"):
+        (run / "latest").write_text(pointer)
+        with pytest.raises(ValueError, match="not a checkpoint folder of this run"):
+            latest_checkpoint(run)
+
+
+def test_resume_with_a_changed_config_lists_the_differences(tmp_path, phantoms):
+    Trainer(tiny_cfg(tmp_path, max_steps=2), phantoms, progress=False).fit()
+    changed = Trainer(tiny_cfg(tmp_path, lr=5e-3, batch_size=4), phantoms, progress=False)
+    with pytest.raises(ValueError, match=r"batch_size: 8 -> 4; lr: 0.002 -> 0.005.*only max_steps"):
+        changed.resume()
+    allowed = Trainer(tiny_cfg(tmp_path, max_steps=3, log_every=2), phantoms, progress=False)
+    allowed.resume()
+    assert allowed.batch_index == 2
+
+
+def test_divergence_stops_with_one_line_and_keeps_a_finite_checkpoint(tmp_path, capsys, monkeypatch):
+    """The loss turns NaN after 5 steps (as with a too-high learning rate): the bad steps are skipped, the
+    run stops after max_bad_steps of them with one line and a non-zero exit, every checkpoint is finite."""
+    from safetensors.torch import load_file
+    import clarity_fast.losses as losses
+    real, calls = losses.ClarityLoss.forward, []
+
+    def turning_nan(self, *a, **k):
+        out = real(self, *a, **k)
+        calls.append(1)
+        if len(calls) > 5:
+            out.total = out.total * float("nan")
+        return out
+
+    monkeypatch.setattr(losses.ClarityLoss, "forward", turning_nan)
+    run = tmp_path / "nan_run"
+    args = ["train", "--set", "model_args={img_size: 64, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, "
+            "num_map_layers: 2, num_oct_layers: 2, in_chans: 1}", "--set", "num_train=48", "--set", "num_val=8",
+            "--set", "batch_size=8", "--set", "epochs=4", "--set", f"output_dir={run}", "--set", "device=cpu",
+            "--set", "save_every_steps=2", "--set", "max_bad_steps=3"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("clarity-fast train:")]
+    assert len(lines) == 1 and "training diverged" in lines[0] and "Traceback" not in err
+    assert "not finite for 3 optimizer steps in a row" in lines[0] and "ckpt-00000006" in lines[0]
+    assert len(calls) == 8
+    for ckpt in sorted(run.glob("ckpt-*")):
+        weights = load_file(str(ckpt / "model.safetensors"))
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path, phantoms):
+    from clarity_fast.training import TrainingDiverged
+    trainer = Trainer(tiny_cfg(tmp_path, max_steps=2), phantoms, progress=False)
+    trainer.fit()
+    good = latest_checkpoint(tmp_path / "run")
+    trainer.batch_index = 3
+    bn = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_var[0] = float("inf")  # a buffer, not a parameter
+    with pytest.raises(TrainingDiverged, match="not finite"):
+        trainer.save()
+    assert latest_checkpoint(tmp_path / "run") == good
+
+
+def test_numbers_in_any_notation(tmp_path):
+    (tmp_path / "c.yaml").write_text("lr: 5e-4\nweight_decay: 1E-2\nbatch_size: 32.0\nema_decay: '0.999'\n")
+    cfg = load_config(tmp_path / "c.yaml", ["warmup_epochs=1e-1"])
+    assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.ema_decay, cfg.warmup_epochs) == (5e-4, 1e-2, 32, 0.999, 0.1)
+    assert isinstance(cfg.batch_size, int)
+    assert load_config(None, ["lr=1e-3"]).lr == 1e-3
+
+
+def test_predict_never_writes_over_its_inputs(tmp_path, phantoms, capsys):
+    import json
+    Trainer(tiny_cfg(tmp_path, max_steps=1), phantoms, progress=False).fit()
+    folder = tmp_path / "xrays"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    png = (phantoms[0]["image"][0].numpy() * 255).astype(np.uint8)
+    same_stem = [folder / "a" / "scan.png", folder / "b" / "scan.png"]
+    for p in same_stem:
+        Image.fromarray(png).save(p)
+    Image.fromarray(png).save(folder / "img.png")
+    target = folder / "img.png"
+    before = target.read_bytes()
+    assert cli.main(["predict", str(tmp_path / "run"), str(target), "--output", str(folder)]) == 2
+    assert "would overwrite its input" in capsys.readouterr().err
+    assert target.read_bytes() == before
+    out = tmp_path / "pred"
+    assert cli.main(["predict", str(tmp_path / "run"), *map(str, same_stem), "--output", str(out)]) == 0
+    results = json.loads((out / "predictions.json").read_text())
+    assert [Path(r["overlay"]).name for r in results] == ["scan.png", "scan-2.png"]
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_eval_uses_the_ema_weights_training_reported_with(tmp_path, capsys):
+    import json
+    run = tmp_path / "ema_run"
+    args = ["train", "--set", "model_args={img_size: 64, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, "
+            "num_map_layers: 2, num_oct_layers: 2, in_chans: 1}", "--set", "num_train=32", "--set", "num_val=16",
+            "--set", "epochs=2", "--set", "batch_size=8", "--set", f"output_dir={run}", "--set", "device=cpu",
+            "--set", "ema_decay=0.5"]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    assert (latest_checkpoint(run) / "ema.safetensors").is_file()
+    trained = json.loads((run / "eval" / "report.json").read_text())
+    assert cli.main(["eval", str(run)]) == 0
+    assert "EMA weights" in capsys.readouterr().err
+    again = json.loads((run / "eval" / "eval_report.json").read_text())
+    assert again["classification"]["macro_auc"] == pytest.approx(trained["classification"]["macro_auc"], abs=1e-6)
+    assert json.loads((run / "eval" / "report.json").read_text()) == trained  # the training report is untouched
+    assert cli.main(["eval", str(run), "--raw-weights", "--output", str(tmp_path / "raw")]) == 0
+    assert "raw weights" in capsys.readouterr().err
+
+
+def _bomb_png(path, side=30000):
+    """A PNG whose header claims side x side pixels (PIL refuses such sizes as decompression bombs)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_user_mistakes_are_one_line_with_exit_2(tmp_path, phantoms, capsys):
+    Trainer(tiny_cfg(tmp_path, max_steps=1), phantoms, progress=False).fit()
+    run = tmp_path / "run"
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("lr: [1, 2\nepochs: 3\n")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((latest_checkpoint(run) / "model.safetensors").read_bytes()[:500])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not weights")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    bomb = tmp_path / "bomb.png"
+    _bomb_png(bomb)
+    small = ["--set", "num_train=16", "--set", "num_val=8"]
+    cases = [
+        (["train", "--config", str(bad_yaml)], "is not valid YAML at line"),
+        (["train", "--config", str(tmp_path)], "is not a file"),
+        (["eval", str(truncated)], "is not a readable .safetensors file"),
+        (["train", "--set", f"pretrained={notes}", "--set", "device=cpu"], "is not a readable checkpoint file"),
+        (["eval", str(run), "--set", "model_args.num_classes=5"], "does not fit this model"),
+        (["train", "--set", "model=resnet18"], "must be a CLARiTy model name"),
+        (["train", "--set", "model_args.patch_size=0"], "patch_size must be an integer >= 1"),
+        (["train", "--set", "batch_size=1.5"], "'batch_size' must be an integer >= 1"),
+        (["train", "--set", "drop_path=2"], "'drop_path' must be a number in [0, 1)"),
+        (["train", "--set", f"output_dir={a_file}", "--set", "device=cpu"], "is a file, not a folder"),
+        (["predict", str(run), str(bomb), "--output", str(tmp_path / "p")], "image too large"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["train", "--set", "device=cuda"], "no CUDA GPU is available"))
+        cases.append((["eval", str(run), "--device", "cuda"], "no CUDA GPU is available"))
+    for argv, match in cases:
+        assert cli.main(argv + (small if argv[0] == "train" else [])) == 2, argv
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("clarity-fast ")]
+        assert lines and match in lines[-1] and "Traceback" not in err, (argv, err[-500:])
+        assert sum("error:" in line for line in lines) == 1
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch):
+    import clarity_fast.training as training
+
+    def bug(*a, **k):
+        raise ValueError("an internal bug, not a user mistake")
+
+    monkeypatch.setattr(training, "load_config", bug)
+    with pytest.raises(ValueError, match="internal bug"):
+        cli.main(["train"])
