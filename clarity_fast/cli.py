@@ -122,11 +122,17 @@ def _print_summary(report: dict, out_dir: Path, stem: str = "report") -> None:
 
 
 def cmd_demo(args) -> None:
-    from .training import TrainConfig, load_config
+    from .training import LATEST, TrainConfig, load_config
     preset = DEMO_GPU if torch.cuda.is_available() and not args.cpu else DEMO_CPU
     cfg = load_config(None, args.set, base=TrainConfig(**preset))
+    out, k = Path(cfg.output_dir), 1
+    while (out / LATEST).exists() or any(out.glob("ckpt-*")):  # each demo run gets its own folder
+        k += 1
+        out = Path(f"{cfg.output_dir}-{k}")
+    cfg.output_dir = str(out)
     print(f"clarity-fast demo: training {cfg.model} {cfg.model_args} on {cfg.num_train} phantom images "
-          f"({'CUDA' if torch.cuda.is_available() and not args.cpu else 'CPU'}), then evaluating on {cfg.num_val}")
+          f"({'CUDA' if torch.cuda.is_available() and not args.cpu else 'CPU'}), then evaluating on {cfg.num_val}; "
+          f"run folder {out}")
     if args.cpu:
         cfg.device = "cpu"
     _train_and_report(cfg, resume=False)

@@ -196,6 +196,12 @@ def test_demo_command_end_to_end_small(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Macro AUC" in out and "random maps (baseline)" in out
     assert (tmp_path / "demo" / "eval" / "overlays.png").exists()
+    before = sorted(p.name for p in (tmp_path / "demo").glob("ckpt-*"))
+    assert cli.main(["demo", "--cpu", "--set", "num_train=64", "--set", "num_val=24", "--set", "epochs=1",
+                     "--set", f"output_dir={tmp_path / 'demo'}"]) == 0  # a second demo: its own folder
+    assert f"run folder {tmp_path / 'demo'}-2" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "demo").glob("ckpt-*")) == before
+    assert (tmp_path / "demo-2" / "eval" / "report.md").exists()
 
 
 # --------------------------------------------------------------------------- never lose work (issue 10)
