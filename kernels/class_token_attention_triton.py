@@ -54,6 +54,14 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _batch_head(bh, NH, s_b, s_h):
+    """(b, h) of a flat b·h program index and the 64-bit offset of that (b, h) slice."""
+    b = bh // NH
+    h = bh % NH
+    return b, h, b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
+
+
+@triton.jit
 def _load_rows(PTR, base, rows, s_n, offs_d, N, MASK: tl.constexpr):
     """A (len(rows), HEAD_DIM) tile of a (.., N, HEAD_DIM) tensor; rows >= N read as 0 when MASK."""
     ptrs = PTR + base + rows[:, None] * s_n + offs_d[None, :]
@@ -102,9 +110,7 @@ def _class_lse_kernel(Q, K, LSE, s_b, s_h, s_n, l_b, l_h, N, NH, C, qk_scale,
                       ACC: tl.constexpr, PREC: tl.constexpr):
     """lse2 of the C class rows over all N keys; one program per (b, h)."""
     bh = tl.program_id(0)
-    b = bh // NH
-    h = bh % NH
-    base = b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
+    b, h, base = _batch_head(bh, NH, s_b, s_h)
     crow = tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, HEAD_DIM)
     q_c = _load_rows(Q, base, crow, s_n, offs_d, C, True)
@@ -154,9 +160,7 @@ def _class_rows_dq_kernel(Q, K, LSE, DMAPS, R, DQC, s_b, s_h, s_n, l_b, l_h, N, 
                           ACC: tl.constexpr, PREC: tl.constexpr):
     """Per (b, h): r = rowsum(P ∘ g) on the class rows, then dZ k (before the scale) into DQC (B, nh, C, d)."""
     bh = tl.program_id(0)
-    b = bh // NH
-    h = bh % NH
-    base = b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
+    b, h, base = _batch_head(bh, NH, s_b, s_h)
     crow = tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, HEAD_DIM)
     q_c = _load_rows(Q, base, crow, s_n, offs_d, C, True)
@@ -187,9 +191,7 @@ def _class_rows_dk_kernel(Q, K, LSE, DMAPS, R, DK, s_b, s_h, s_n, g_b, g_h, g_n,
     """dK = scale * dZᵀ q_c for one key block and (b, h); every key row is written."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // NH
-    h = bh % NH
-    base = b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
+    b, h, base = _batch_head(bh, NH, s_b, s_h)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k = _load_rows(K, base, cols, s_n, offs_d, N, True)
@@ -232,9 +234,7 @@ def _fwd_kernel(Q, K, V, O, LSE, s_b, s_h, s_n, o_b, o_h, o_n, N, NH, qk_scale,
     """One program per (query block, b·h): out rows and their lse2 (B, nh, N)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // NH
-    h = bh % NH
-    base = b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
+    b, h, base = _batch_head(bh, NH, s_b, s_h)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q = _load_rows(Q, base, rows, s_n, offs_d, N, True)
@@ -276,9 +276,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMAPS, R, DK, DV, s_b, s_h, s_n, d
     """One program per (key block, b·h): loop over query blocks for dK, dV; maps' term in the epilogue."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // NH
-    h = bh % NH
-    base = b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
+    b, h, base = _batch_head(bh, NH, s_b, s_h)
     do_base = b.to(tl.int64) * d_b + h.to(tl.int64) * d_h
     stat = bh.to(tl.int64) * N
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -332,9 +330,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQC, DQ, s_b, s_h, s_n, d_b, d_h, d_
     """One program per (query block, b·h): loop over key blocks for dQ; class rows add DQC in the epilogue."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // NH
-    h = bh % NH
-    base = b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
+    b, h, base = _batch_head(bh, NH, s_b, s_h)
     stat = bh.to(tl.int64) * N
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
