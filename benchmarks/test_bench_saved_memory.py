@@ -37,7 +37,7 @@ def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast(x.device.type, dtype=torch.bfloat16):
-        out = model.forward_outputs(x)
+        out = model.forward_outputs(x, segmentcam_logits=False)
         loss = ClarityLoss()(out, torch.zeros_like(out.logits))
     loss.total.backward()
     return sum(storages.values())

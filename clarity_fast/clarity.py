@@ -29,7 +29,9 @@ __all__ = ["Clarity", "ClarityOutput"]
 class ClarityOutput:
     """Everything one forward pass produces. B batch, C classes, (h, w) patch grid, D width.
 
-    logits: ``(B, C)`` final ``(ℓ^C + ℓ^f) / 2`` (``ℓ^C`` when SegmentCAM is off).
+    logits: ``(B, C)`` final ``(ℓ^C + ℓ^f) / 2`` (``ℓ^C`` when SegmentCAM is off); None, like
+    logits_fg / logits_bg / logits_full, from ``forward_outputs(x, segmentcam_logits=False)`` until
+    :class:`ClarityLoss` fills them in from its fused pass.
     logits_cls: ``(B, C)`` class-token logits ℓ^C.
     logits_fg / logits_bg / logits_full: ``(B, C)`` SegmentCAM logits, or None.
     maps: ``(B, C, h, w)`` fp32 class-to-patch attention A (Eq. 1), or None when no map layers.
@@ -39,7 +41,7 @@ class ClarityOutput:
     loc_map: ``(B, C, h, w)`` localization map Ξ = A ⊙ S_f (A alone without SegmentCAM), or None.
     class_states: ``(q, B, C, D)`` class-token outputs of the last q blocks (OCT loss), or None.
     """
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]
     logits_cls: torch.Tensor
     logits_fg: Optional[torch.Tensor] = None
     logits_bg: Optional[torch.Tensor] = None
@@ -233,7 +235,8 @@ class Clarity(nn.Module):
         """Images ``(B, in_chans, H, W)`` -> normed tokens ``(B, C + P, D)`` (class tokens first)."""
         return self._forward_tokens(x)[0]
 
-    def _heads(self, tokens: torch.Tensor, grid: Tuple[int, int]) -> ClarityOutput:
+    def _heads(self, tokens: torch.Tensor, grid: Tuple[int, int], segmentcam_logits_now: bool = True
+               ) -> ClarityOutput:
         C = self.num_classes
         logits_cls = self.head(tokens[:, :C])
         if self.segmentcam is None:
@@ -241,6 +244,9 @@ class Clarity(nn.Module):
         f0 = tokens[:, C:].transpose(1, 2).reshape(tokens.shape[0], self.embed_dim, *grid)
         heatmap_logits, scores = self.segmentcam(f0)
         heatmap = heatmap_logits.sigmoid()
+        if not segmentcam_logits_now:  # ClarityLoss computes them in its one fused pass
+            return ClarityOutput(logits=None, logits_cls=logits_cls, heatmap_logits=heatmap_logits, heatmap=heatmap,
+                                 scores=scores)
         fg, bg, full = segmentcam_logits(heatmap, scores)
         return ClarityOutput(logits=(logits_cls + fg) / 2, logits_cls=logits_cls, logits_fg=fg, logits_bg=bg,
                              logits_full=full, heatmap_logits=heatmap_logits, heatmap=heatmap, scores=scores)
@@ -261,10 +267,13 @@ class Clarity(nn.Module):
                              f"use forward_outputs for non-square inputs")
         return side, side
 
-    def forward_outputs(self, x: torch.Tensor) -> ClarityOutput:
-        """Images ``(B, in_chans, H, W)`` -> :class:`ClarityOutput` with every head and map."""
+    def forward_outputs(self, x: torch.Tensor, segmentcam_logits: bool = True) -> ClarityOutput:
+        """Images ``(B, in_chans, H, W)`` -> :class:`ClarityOutput` with every head and map.
+
+        ``segmentcam_logits=False`` (training) leaves ℓ^f, ℓ^b, ℓ^full and ℓ to :class:`ClarityLoss`,
+        which computes them once, in the same fused pass as the SegmentCAM losses."""
         tokens, maps, class_states, grid = self._forward_tokens(x)
-        out = self._heads(tokens, grid)
+        out = self._heads(tokens, grid, segmentcam_logits)
         out.class_states = class_states
         if maps is not None:
             out.maps = maps.reshape(maps.shape[0], self.num_classes, *grid)

@@ -108,24 +108,16 @@ class ClarityLoss(nn.Module):
 
     def forward(self, out: ClarityOutput, targets: torch.Tensor, masks: Optional[torch.Tensor] = None,
                 dist: Optional[torch.Tensor] = None, teacher_logits: Optional[torch.Tensor] = None) -> LossOutput:
-        if tuple(targets.shape) != tuple(out.logits.shape):
-            raise InputError(f"targets must have shape (B, C) = {tuple(out.logits.shape)}, got {tuple(targets.shape)}")
-        if teacher_logits is not None and tuple(teacher_logits.shape) != tuple(out.logits.shape):
-            raise InputError(f"teacher_logits must have shape (B, C) = {tuple(out.logits.shape)}, "
+        expected = tuple(out.logits_cls.shape)
+        if tuple(targets.shape) != expected:
+            raise InputError(f"targets must have shape (B, C) = {expected}, got {tuple(targets.shape)}")
+        if teacher_logits is not None and tuple(teacher_logits.shape) != expected:
+            raise InputError(f"teacher_logits must have shape (B, C) = {expected}, "
                              f"got {tuple(teacher_logits.shape)}")
         if dist is not None and masks is None:
             raise InputError("dist was given without masks; pass the masks it was computed from")
         y = targets.float()
-        zero = out.logits.new_zeros((), dtype=torch.float32)
-        terms = dict.fromkeys(TERMS, zero)
-        terms["cls"] = F.binary_cross_entropy_with_logits(out.logits_cls.float(), y)
-        if out.logits_fg is not None:
-            terms["cls"] = terms["cls"] + F.binary_cross_entropy_with_logits(out.logits_fg.float(), y)
-        if teacher_logits is not None:
-            soft = torch.sigmoid(teacher_logits.float() / self.kd_temperature)
-            terms["kd"] = F.binary_cross_entropy_with_logits(out.logits.float(), soft)
-        if out.class_states is not None:
-            terms["oct"] = oct_loss(out.class_states, self.oct_mode)
+        seg = None
         if out.scores is not None:
             if out.heatmap_logits is None:
                 raise InputError("out.heatmap_logits is needed for the SegmentCAM losses (ClarityOutput from "
@@ -135,6 +127,20 @@ class ClarityLoss(nn.Module):
             if masks is not None and dist is None:
                 dist = distance_map(masks)
             seg = self.segmentcam(out.heatmap_logits, out.scores, y, masks, dist)
+            if out.logits_fg is None:  # left by forward_outputs(segmentcam_logits=False): fill in, computed once
+                out.logits_fg, out.logits_bg, out.logits_full = seg.logits_fg, seg.logits_bg, seg.logits_full
+                out.logits = (out.logits_cls.float() + seg.logits_fg) / 2
+        zero = out.logits_cls.new_zeros((), dtype=torch.float32)
+        terms = dict.fromkeys(TERMS, zero)
+        terms["cls"] = F.binary_cross_entropy_with_logits(out.logits_cls.float(), y)
+        if out.logits_fg is not None:
+            terms["cls"] = terms["cls"] + F.binary_cross_entropy_with_logits(out.logits_fg.float(), y)
+        if teacher_logits is not None:
+            soft = torch.sigmoid(teacher_logits.float() / self.kd_temperature)
+            terms["kd"] = F.binary_cross_entropy_with_logits(out.logits.float(), soft)
+        if out.class_states is not None:
+            terms["oct"] = oct_loss(out.class_states, self.oct_mode)
+        if seg is not None:
             terms.update(prx=seg.prx, cnf=seg.cnf, ac=seg.ac, bas=seg.bas)
             invalid = seg.invalid
         else:

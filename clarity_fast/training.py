@@ -363,7 +363,7 @@ class _Outputs(torch.nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor):
-        return self.model.forward_outputs(x)
+        return self.model.forward_outputs(x, segmentcam_logits=False)  # ClarityLoss computes them, once
 
 
 def check_setup(cfg: TrainConfig) -> None:

@@ -173,3 +173,29 @@ def test_clarity_loss_defaults_trace_with_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(out.heatmap_logits, out.scores), step(out.heatmap_logits, out.scores))
+
+
+def test_segmentcam_logits_are_computed_once_in_training(monkeypatch):
+    """forward_outputs(segmentcam_logits=False) leaves ℓ^f, ℓ^b, ℓ^full to ClarityLoss's fused pass: the same
+    loss and gradients as computing them in the model, and the PyTorch logits function never runs."""
+    import clarity_fast.clarity as clarity_module
+    from conftest import tiny_model
+    model = tiny_model().double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    y = (torch.rand(2, 5) > 0.5).double()
+    masks = torch.rand(2, 5, 4, 4) > 0.4
+    teacher = torch.randn(2, 5, dtype=torch.float64)
+    reference = ClarityLoss()(model.forward_outputs(x), y, masks=masks, teacher_logits=teacher)
+    ref_grads = torch.autograd.grad(reference.total, list(model.parameters()), allow_unused=True)
+    calls = []
+    real = clarity_module.segmentcam_logits
+    monkeypatch.setattr(clarity_module, "segmentcam_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = model.forward_outputs(x, segmentcam_logits=False)
+    assert out.logits is None and out.logits_fg is None
+    once = ClarityLoss()(out, y, masks=masks, teacher_logits=teacher)
+    assert calls == [] and out.logits is not None and out.logits_bg is not None
+    torch.testing.assert_close(once.total, reference.total)
+    grads = torch.autograd.grad(once.total, list(model.parameters()), allow_unused=True)
+    for g, r in zip(grads, ref_grads):
+        if r is not None:
+            torch.testing.assert_close(g, r)
