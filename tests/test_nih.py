@@ -101,6 +101,21 @@ def test_masks_loader_and_evaluation_end_to_end(cache, tmp_path):
     assert (tmp_path / "report.md").exists() and (tmp_path / "overlays.png").exists()
 
 
+
+def test_training_on_nih_reports_the_validation_split_prepare_carved(cache, tmp_path, capsys):
+    import json
+    from clarity_fast.cli import main
+    cache_dir, _ = cache
+    assert "val" in load_index(cache_dir)["split"]
+    run = tmp_path / "nih_run"
+    assert main(["train", "--set", "dataset=nih", "--set", f"cache_dir={cache_dir}", "--set", "model_args={img_size: 64, "
+                 "patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, num_map_layers: 2, num_oct_layers: 2, "
+                 "in_chans: 1}", "--set", "batch_size=4", "--set", "epochs=1", "--set", f"output_dir={run}",
+                 "--set", "device=cpu"]) == 0
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["validation_classification"]["num_classes"] == 14
+    assert "validation Macro AUC" in capsys.readouterr().out
+
 def test_pspnet_weights_load_from_local_file(tmp_path):
     from torchxrayvision.baseline_models.chestx_det.ptsemseg.pspnet import pspnet
     net = pspnet(14)
