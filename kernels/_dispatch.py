@@ -17,7 +17,6 @@ have been enabled with ``TRITON_INTERPRET=1`` before import.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import statistics
@@ -39,8 +38,20 @@ def backend() -> str:
     return name
 
 
+def _probe_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_TRITON = _probe_triton()
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton could be imported (checked once, at import): without it every op runs its reference."""
+    return _TRITON
 
 
 def interpreter_enabled() -> bool:

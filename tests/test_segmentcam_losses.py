@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clarity_fast.kernels import segmentcam_losses, segmentcam_losses_torch
-from clarity_fast.kernels.segmentcam_losses import _seg_fwd_op
+from clarity_fast.kernels.segmentcam_losses_triton import _seg_fwd_op
 from clarity_fast.priors import distance_map
 
 EPS = 1e-6
