@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
-import torch
 import timm
+import torch
 import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save_file
