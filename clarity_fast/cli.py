@@ -158,14 +158,14 @@ def _init_distributed() -> None:
 def _load_model(args):
     """The model of ``args.checkpoint`` (EMA weights where the run kept them, unless ``--raw-weights``),
     on ``args.device``, with its config; says which weights it loaded."""
-    from .training import _device, load_config, load_model_weights
+    from .training import load_config, load_model_weights, resolve_device
     from .weights import create_model
     path = Path(args.checkpoint)
     config = args.config
     if config is None and path.is_dir() and (path / "config.yaml").exists():
         config = str(path / "config.yaml")
     cfg = load_config(config, args.set)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = create_model(cfg.model, **cfg.model_args)
     which = load_model_weights(model, path, ema=not args.raw_weights)
     print(f"clarity-fast {args.command}: {which} on {device}", file=sys.stderr)

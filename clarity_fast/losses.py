@@ -142,12 +142,12 @@ class ClarityLoss(nn.Module):
             terms["oct"] = oct_loss(out.class_states, self.oct_mode)
         if seg is not None:
             terms.update(prx=seg.prx, cnf=seg.cnf, ac=seg.ac, bas=seg.bas)
-            invalid = seg.invalid
-        else:
-            invalid = torch.stack([torch.zeros((), dtype=torch.int64, device=y.device),
-                                   ((y != 0) & (y != 1)).sum(), torch.zeros((), dtype=torch.int64, device=y.device)])
         if self.validate:
-            self._record(invalid)
+            if seg is not None:
+                self._record(seg.invalid)
+            else:  # no SegmentCAM: only the labels to count
+                none = torch.zeros((), dtype=torch.int64, device=y.device)
+                self._record(torch.stack([none, ((y != 0) & (y != 1)).sum(), none]))
         total = sum(self.weights[k] * v for k, v in terms.items())
         return LossOutput(total=total, terms=terms)
 

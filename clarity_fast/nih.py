@@ -15,7 +15,6 @@ images are kept. Cache layout (``cache_dir``)::
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import InputError
+from .files import write_text_atomic
 from .images import decode_xray, resize_square
 from .pathologies import CLASS_NAMES, class_masks
 from .phantom import grid_regions
@@ -104,12 +104,6 @@ def carve_validation(ids: List[str], patients: Dict[str, str], fraction: float =
     return [i for i in ids if patients[i] not in val_pts], [i for i in ids if patients[i] in val_pts]
 
 
-def _atomic_json(path: Path, data: Dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def load_index(cache_dir: PathLike, require_complete: bool = True) -> Dict:
     """The cache index; clear errors for a missing, corrupt or unfinished cache."""
     path = Path(cache_dir) / "index.json"
@@ -164,7 +158,7 @@ def prepare(data_dir: PathLike, cache_dir: PathLike, size: int = 512, val_fracti
                              f"or delete this one")
         index["complete"] = prev.get("complete", False)
     else:
-        _atomic_json(index_path, index)
+        write_text_atomic(index_path, json.dumps(index))
     np.save(cache_dir / "labels.npy", labels.loc[ids, list(CLASS_NAMES)].to_numpy(np.uint8))
     N = len(ids)
     mode = "r+" if resuming and (cache_dir / f"images_{size}.u8").exists() else "w+"
@@ -205,7 +199,7 @@ def prepare(data_dir: PathLike, cache_dir: PathLike, size: int = 512, val_fracti
             status.flush()
     unreadable_path.write_text("".join(f"{k}\t{v}\n" for k, v in sorted(reasons.items())))
     index["complete"] = True
-    _atomic_json(index_path, index)
+    write_text_atomic(index_path, json.dumps(index))
     return dict(cached=int((status == DONE).sum()), unreadable=sorted(reasons), missing=missing, cache=str(cache_dir))
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, List, Sequence, Union
 
@@ -13,6 +12,7 @@ from PIL import Image
 from .data import normalize
 from .errors import InputError
 from .evaluation import box_from_map
+from .files import write_text_atomic
 from .images import decode_xray, resize_square
 from .pathologies import CLASS_NAMES
 from .viz import overlay, tile
@@ -83,8 +83,5 @@ def predict_files(model, paths: Sequence[Union[str, Path]], out_dir: Union[str, 
         tile(panels, min(4, len(panels))).save(picture)
         results.append(dict(image=str(path), probabilities=dict(zip(CLASS_NAMES, probs)), boxes=boxes,
                             overlay=str(picture)))
-    target = out_dir / "predictions.json"
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, target)
+    write_text_atomic(out_dir / "predictions.json", json.dumps(results, indent=2))
     return results

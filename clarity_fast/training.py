@@ -31,6 +31,7 @@ from timm.optim import create_optimizer_v2
 from .clarity import Clarity
 from .data import augment, collate, normalize
 from .errors import InputError
+from .files import fsync_dir, fsync_file, write_text_atomic
 from .losses import ClarityLoss
 from .weights import create_model, load_pretrained
 
@@ -225,29 +226,6 @@ class TrainingDiverged(InputError):
     """The loss or the gradients stayed non-finite for ``max_bad_steps`` optimizer steps in a row."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def checkpoint_steps(run_dir: Union[str, Path]) -> Dict[int, Path]:
     """The run's checkpoint folders by step number."""
     found = {}
@@ -274,13 +252,13 @@ def save_checkpoint(run_dir: Union[str, Path], model: torch.nn.Module, state: Di
         save_file(weights, str(tmp / file), metadata={"step": str(state["step"])})
     torch.save(state, tmp / STATE_FILE)
     for file in [f for f, _ in files] + [STATE_FILE]:
-        _fsync_file(tmp / file)
-    _fsync_dir(tmp)
+        fsync_file(tmp / file)
+    fsync_dir(tmp)
     final = run_dir / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync_dir(run_dir)
-    _atomic_write_text(run_dir / LATEST, name)
+    fsync_dir(run_dir)
+    write_text_atomic(run_dir / LATEST, name)
     steps = checkpoint_steps(run_dir)
     for step, path in list(steps.items())[:-max(1, keep)]:
         if path != final:
@@ -347,7 +325,8 @@ def _load_matching(model: torch.nn.Module, state: Dict[str, torch.Tensor], path:
 
 
 # ------------------------------------------------------------------------------------------------ trainer
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present, the device torchrun gave this process), ``cpu``, ``cuda`` or ``cuda:<i>``."""
     if name == "auto":  # under torchrun, the device this process was given (torch.cuda.set_device)
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -366,13 +345,14 @@ class _Outputs(torch.nn.Module):
         return self.model.forward_outputs(x, segmentcam_logits=False)  # ClarityLoss computes them, once
 
 
-def check_setup(cfg: TrainConfig) -> None:
-    """The mistakes that can be found before any data is built: device, output_dir, pretrained file."""
-    _device(cfg.device)
+def check_setup(cfg: TrainConfig, pretrained: bool = True) -> None:
+    """The mistakes that can be found before any data is built: device, output_dir and (with ``pretrained``)
+    a pretrained file that cannot be read."""
+    resolve_device(cfg.device)
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"output_dir {out} is a file, not a folder")
-    if cfg.pretrained:
+    if pretrained and cfg.pretrained:
         from .weights import load_checkpoint_file
         load_checkpoint_file(cfg.pretrained)
 
@@ -384,10 +364,10 @@ class Trainer:
                  progress: bool = True, overwrite: bool = False) -> None:
         self.cfg = cfg.validate()
         self.run_dir = Path(cfg.output_dir)
-        check_setup(cfg)
+        check_setup(cfg, pretrained=False)  # create_model below reads the pretrained file
         self.overwrite, self.resumed, self.bad_steps = overwrite, False, 0
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        self.device = _device(cfg.device)
+        self.device = resolve_device(cfg.device)
         self.progress = progress and self.rank == 0
         torch.manual_seed(cfg.seed)
         self.model = create_model(cfg.model, pretrained=cfg.pretrained, drop_path_rate=cfg.drop_path,
@@ -446,7 +426,7 @@ class Trainer:
         tensors = list(self.model.state_dict().values())
         if self.ema is not None:
             tensors += list(self.ema.module.state_dict().values())
-        if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
+        if not bool(torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all()):
             raise TrainingDiverged(f"the weights or BatchNorm statistics are not finite at micro-batch "
                                    f"{self.batch_index}; no checkpoint written (the last good one stays in "
                                    f"{self.run_dir}). Lower lr (now {self.cfg.lr:g}) or set grad_clip")

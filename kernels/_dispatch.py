@@ -115,7 +115,7 @@ def choose_fastest(key: Hashable, candidates: Dict[str, Callable[[], None]],
         if not names:
             raise InputError(f"no deterministic backend among {list(candidates)} for {key}")
         times = {n: timer(n, candidates[n]) for n in names} if len(names) > 1 else {names[0]: float("nan")}
-        choice = min(names, key=lambda n: times[n]) if len(names) > 1 else names[0]
+        choice = min(times, key=times.get)  # a lone candidate is not timed
         _CHOICES[cache_key] = dict(key=key, deterministic=det, choice=choice, seconds=times)
         _LOG.info("clarity_fast auto backend for %s: %s (%s)", key, choice,
                   ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in times.items()))
@@ -123,7 +123,7 @@ def choose_fastest(key: Hashable, candidates: Dict[str, Callable[[], None]],
 
 
 def cached_choice(key: Hashable) -> str | None:
-    """The cached choice for ``key`` (None if not measured yet); used while tracing with torch.compile."""
+    """The cached choice for ``key`` in the current deterministic mode, or None if not measured yet."""
     entry = _CHOICES.get((key, torch.are_deterministic_algorithms_enabled()))
     return entry["choice"] if entry else None
 

@@ -29,11 +29,6 @@ from ..errors import InputError
 from . import _dispatch
 from ._dispatch import backend, check_triton_can_run, triton_available
 
-if triton_available():
-    from . import class_token_attention_triton as _triton
-else:  # pragma: no cover - exercised by hiding triton
-    _triton = None
-
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_CLASS_TOKENS = 64
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -184,3 +179,9 @@ def _sdpa_maps(q, k, v, num_class_tokens, scale, maps, map_weight):
 
 
 _IMPLS = {"fused": _fused, "sdpa+maps": _sdpa_maps, "torch": class_token_attention_torch}
+
+
+if triton_available():  # after maps_dtype, which the kernels module imports from here
+    from . import class_token_attention_triton as _triton
+else:  # pragma: no cover - exercised by hiding triton
+    _triton = None

@@ -28,6 +28,9 @@ import triton
 import triton.language as tl
 
 from ._dispatch import interpreter_enabled
+from .class_token_attention import (
+    maps_dtype as acc_dtype,  # fp64 for fp64 inputs, fp32 otherwise
+)
 
 LOG2E = math.log2(math.e)
 
@@ -35,11 +38,6 @@ LOG2E = math.log2(math.e)
 # take its (batch, head) strides (l_b, l_h), rows contiguous. Row terms r and DQC are (B, nh, C[, d]).
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp64 for fp64 inputs, fp32 otherwise (also the maps' dtype)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -88,13 +86,20 @@ def _map_grad(DMAPS, b, crow, cols, C, N, coef):
 
 
 @triton.jit
-def _class_rows_dk(Q, K, LSE, R, DMAPS, b, h, kv_base, k, cols, s_n, l_b, l_h, N, NH, C, qk_scale, coef,
-                   HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """dZᵀ q_c for one key block: the maps' gradient to these keys (before the scale)."""
+def _class_queries(Q, LSE, b, h, base, s_n, l_b, l_h, C, BLOCK_C: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Row and column offsets, the class queries q_c (BLOCK_C, HEAD_DIM) and their lse2 for one (b, h)."""
     crow = tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_c = _load_rows(Q, kv_base, crow, s_n, offs_d, C, True)
+    q_c = _load_rows(Q, base, crow, s_n, offs_d, C, True)
     lse2 = tl.load(LSE + b * l_b + h * l_h + crow, mask=crow < C, other=0.0)
+    return crow, offs_d, q_c, lse2
+
+
+@triton.jit
+def _class_rows_dk(Q, LSE, R, DMAPS, b, h, base, k, cols, s_n, l_b, l_h, N, NH, C, qk_scale, coef,
+                   HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """dZᵀ q_c for one key block: the maps' gradient to these keys (before the scale)."""
+    crow, offs_d, q_c, lse2 = _class_queries(Q, LSE, b, h, base, s_n, l_b, l_h, C, BLOCK_C, HEAD_DIM)
     r = tl.load(R + (b * NH + h) * C + crow, mask=crow < C, other=0.0)
     p = _class_row_probs(q_c, k, lse2, crow, cols, C, N, qk_scale, ACC, PREC)
     dz = p * (_map_grad(DMAPS, b, crow, cols, C, N, coef) - r[:, None])
@@ -138,13 +143,11 @@ def _maps_kernel(Q, K, LSE, MAPS_IN, MAPS_OUT, s_b, s_h, s_n, l_b, l_h, N, NH, C
     P = N - C
     crow = tl.arange(0, BLOCK_C)
     pcol = pid_p * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     total = tl.zeros([BLOCK_C, BLOCK_N], ACC)
     for h in range(0, NH):  # heads in a fixed order: deterministic sum
         base = b.to(tl.int64) * s_b + h * s_h
-        q_c = _load_rows(Q, base, crow, s_n, offs_d, C, True)
+        crow, offs_d, q_c, lse2 = _class_queries(Q, LSE, b, h, base, s_n, l_b, l_h, C, BLOCK_C, HEAD_DIM)
         k = _load_rows(K, base, C + pcol, s_n, offs_d, N, True)
-        lse2 = tl.load(LSE + b * l_b + h * l_h + crow, mask=crow < C, other=0.0)
         total += _class_row_probs(q_c, k, lse2, crow, C + pcol, C, N, qk_scale, ACC, PREC)
     out_mask = (crow[:, None] < C) & (pcol[None, :] < P)
     offs = b * C * P + crow[:, None] * P + pcol[None, :]
@@ -161,10 +164,7 @@ def _class_rows_dq_kernel(Q, K, LSE, DMAPS, R, DQC, s_b, s_h, s_n, l_b, l_h, N, 
     """Per (b, h): r = rowsum(P ∘ g) on the class rows, then dZ k (before the scale) into DQC (B, nh, C, d)."""
     bh = tl.program_id(0)
     b, h, base = _batch_head(bh, NH, s_b, s_h)
-    crow = tl.arange(0, BLOCK_C)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_c = _load_rows(Q, base, crow, s_n, offs_d, C, True)
-    lse2 = tl.load(LSE + b * l_b + h * l_h + crow, mask=crow < C, other=0.0)
+    crow, offs_d, q_c, lse2 = _class_queries(Q, LSE, b, h, base, s_n, l_b, l_h, C, BLOCK_C, HEAD_DIM)
     # pass 1: the row term r_i = sum_j P_ij g_ij
     r = tl.zeros([BLOCK_C], ACC)
     for start in range(0, N, BLOCK_N):
@@ -195,7 +195,7 @@ def _class_rows_dk_kernel(Q, K, LSE, DMAPS, R, DK, s_b, s_h, s_n, g_b, g_h, g_n,
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k = _load_rows(K, base, cols, s_n, offs_d, N, True)
-    dk = _class_rows_dk(Q, K, LSE, R, DMAPS, b, h, base, k, cols, s_n, l_b, l_h, N, NH, C, qk_scale, coef,
+    dk = _class_rows_dk(Q, LSE, R, DMAPS, b, h, base, k, cols, s_n, l_b, l_h, N, NH, C, qk_scale, coef,
                         HEAD_DIM, BLOCK_C, ACC, PREC)
     g_base = b.to(tl.int64) * g_b + h.to(tl.int64) * g_h
     tl.store(DK + g_base + cols[:, None] * g_n + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -300,7 +300,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMAPS, R, DK, DV, s_b, s_h, s_n, d
         dz = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(dz.to(q.dtype)), q, input_precision=PREC).to(ACC)
     if HAS_DMAPS:
-        dk += _class_rows_dk(Q, K, LSE, R, DMAPS, b, h, base, k, cols, s_n, NH * N, N, N, NH, C, qk_scale, coef,
+        dk += _class_rows_dk(Q, LSE, R, DMAPS, b, h, base, k, cols, s_n, NH * N, N, N, NH, C, qk_scale, coef,
                              HEAD_DIM, BLOCK_C, ACC, PREC)
     g_off = b.to(tl.int64) * g_b + h.to(tl.int64) * g_h + cols[:, None] * g_n + offs_d[None, :]
     tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=cols[:, None] < N)

@@ -36,11 +36,16 @@ def _softplus(x):
 
 
 @triton.jit
-def _load_hm(HM, offs, valid, FROM_LOGITS: tl.constexpr, ACC: tl.constexpr):
-    hm = tl.load(HM + offs, mask=valid, other=0.0).to(ACC)
+def _to_hm(raw, valid, FROM_LOGITS: tl.constexpr):
+    """Hm from what was loaded: the values themselves, or the sigmoid of logits (0 off the valid lanes)."""
     if FROM_LOGITS:
-        hm = tl.where(valid, 1.0 / (1.0 + tl.exp(-hm)), 0.0)
-    return hm
+        return tl.where(valid, 1.0 / (1.0 + tl.exp(-raw)), 0.0)
+    return raw
+
+
+@triton.jit
+def _load_hm(HM, offs, valid, FROM_LOGITS: tl.constexpr, ACC: tl.constexpr):
+    return _to_hm(tl.load(HM + offs, mask=valid, other=0.0).to(ACC), valid, FROM_LOGITS)
 
 
 @triton.jit
@@ -63,7 +68,7 @@ def _seg_fwd_kernel(HM, S, M, D, Y, SUMS, LOGITS, TERMS, FLAGS, HW, BC, eps,
         valid = idx < HW
         offs = row * HW + idx
         raw = tl.load(HM + offs, mask=valid, other=0.0).to(ACC)
-        hm = _load_hm(HM, offs, valid, FROM_LOGITS, ACC)
+        hm = _to_hm(raw, valid, FROM_LOGITS)  # one load: raw is also checked for finiteness below
         s = tl.load(S + offs, mask=valid, other=0.0).to(ACC)
         finite = (raw == raw) & (tl.abs(raw) < float("inf")) & (s == s) & (tl.abs(s) < float("inf"))
         n_bad += tl.where(valid & ~finite, 1, 0)

@@ -226,10 +226,10 @@ def test_a_new_run_never_writes_into_another_runs_folder(tmp_path, phantoms, cap
 def test_rotation_is_by_step_number_and_keeps_the_newest(tmp_path):
     from clarity_fast.training import save_checkpoint
     model = torch.nn.Linear(2, 2)
-    for step in (9, 10, 100_000_000, 11):  # 9-digit step names sort before 8-digit ones as text
+    for step in (99_999_998, 99_999_999, 100_000_000):  # as text, "ckpt-100000000" sorts before "ckpt-99999998"
         save_checkpoint(tmp_path, model, dict(step=step))
-    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-00000011", "ckpt-100000000"]
-    assert latest_checkpoint(tmp_path).name == "ckpt-00000011"
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-100000000", "ckpt-99999999"]
+    assert latest_checkpoint(tmp_path).name == "ckpt-100000000"
 
 
 def test_resume_runs_no_pickled_code_and_follows_no_outside_pointer(tmp_path, phantoms):
