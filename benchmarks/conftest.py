@@ -2,14 +2,11 @@
 in the same run. ``CLARITY_BENCH_SUMMARY=path.md`` also writes the table as Markdown."""
 import os
 import platform
-import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS: List[Dict] = []
 SAVED: List[Dict] = []

@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 # compiled Triton, not the interpreter that tests/conftest.py enables by default on CPU machines
-export TRITON_INTERPRET=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 \
   CLARITY_BENCH_SUMMARY="$OUT/RESULTS.md"
 CORRECTNESS_TIMEOUT="${CORRECTNESS_TIMEOUT:-210}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
@@ -30,6 +30,11 @@ status=0
     echo "gpu: none (nvidia-smi not found)"
   fi
   timeout 60 python3 -c "import torch, triton, timm; print('torch', torch.__version__, '| triton', triton.__version__, '| timm', timm.__version__, '| cuda', torch.version.cuda)"
+  # clarity_fast.kernels is the checkout's kernels/ folder, found through an (editable) install:
+  # install this checkout without dependencies or network unless it already is the one imported
+  if ! python3 -c "import os, clarity_fast.kernels as k; assert os.path.realpath(k.__file__).startswith(os.path.realpath('kernels'))" 2>/dev/null; then
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . && echo "installed: this checkout (editable)"
+  fi
 } 2>&1 | tee "$OUT/gpu_env.txt"
 
 stage() {  # stage NAME TIMEOUT LOG CMD...: run CMD under its own timeout, tee its output, remember failures
