@@ -20,19 +20,19 @@ C = 14
 NH, D = 6, 64
 
 
-def eager_attention(q, k, v, num_class_tokens, scale, maps, map_weight):
+def eager_attention(q, k, v, num_classes, scale, maps, map_weight):
     """Materialised softmax: the only way timm exposes attention maps."""
     p = torch.softmax((q @ k.transpose(-2, -1)).float() * scale, dim=-1)
     out = p.to(q.dtype) @ v
-    return out, map_weight * p[:, :, :num_class_tokens, num_class_tokens:].mean(1)
+    return out, map_weight * p[:, :, :num_classes, num_classes:].mean(1)
 
 
-def auto(q, k, v, num_class_tokens, scale, maps, map_weight):
-    return class_token_attention(q, k, v, num_class_tokens, scale=scale, maps=maps, map_weight=map_weight)
+def auto(q, k, v, num_classes, scale, maps, map_weight):
+    return class_token_attention(q, k, v, num_classes, scale=scale, maps=maps, map_weight=map_weight)
 
 
 def sdpa_alone(backend):
-    def fn(q, k, v, num_class_tokens, scale, maps, map_weight):
+    def fn(q, k, v, num_classes, scale, maps, map_weight):
         with sdpa_kernel(backend):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale), None
     return fn

@@ -19,8 +19,8 @@ from conftest import record_saved_bytes
 from test_bench_attention import eager_attention
 
 
-def eager_class_token_attention(q, k, v, num_class_tokens, *, scale=None, maps=None, map_weight=None):
-    out, new = eager_attention(q, k, v, num_class_tokens, scale, None, 1.0 if map_weight is None else map_weight)
+def eager_class_token_attention(q, k, v, num_classes, *, scale=None, maps=None, map_weight=None):
+    out, new = eager_attention(q, k, v, num_classes, scale, None, 1.0 if map_weight is None else map_weight)
     if map_weight is None:
         return out, None
     return out, new if maps is None else maps + new

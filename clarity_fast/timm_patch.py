@@ -8,7 +8,6 @@ No N x N tensor is formed; on CUDA the fused Triton kernel runs.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -18,6 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .errors import InputError
 from .kernels import class_token_attention
+from .layers import patch_grid
 
 
 class AttentionWithMaps(Attention):
@@ -77,9 +77,7 @@ def attention_maps(model: nn.Module) -> Dict[int, torch.Tensor]:
         maps = getattr(blk.attn, "cls_maps", None)
         if maps is None:
             continue
-        P = maps.shape[-1]
-        h, w = grid if grid[0] * grid[1] == P else (math.isqrt(P), P // math.isqrt(P))
-        out[i] = maps.reshape(maps.shape[0], h, w)
+        out[i] = maps.reshape(maps.shape[0], *patch_grid(maps.shape[-1], grid))
     if not out:
         raise InputError("no maps recorded: call patch_timm(model, layers=...) and run a forward first")
     return out

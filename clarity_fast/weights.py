@@ -1,6 +1,7 @@
-"""Offline weights: DINO / timm ViT checkpoints -> CLARiTy, and ``from_timm``.
+"""Offline weights: read checkpoint files, ``load_pretrained``, ``create_model`` and ``from_timm``.
 
-Accepted checkpoint layouts (``.pth``/``.pt``/``.bin`` or ``.safetensors``):
+The conversion itself (``convert_to_clarity``, timm's ``checkpoint_filter_fn``) sits beside the model in
+:mod:`clarity_fast.clarity`. Accepted checkpoint layouts (``.pth``/``.pt``/``.bin`` or ``.safetensors``):
 
 - original DINO: a plain backbone state dict, or a training checkpoint
   ``{"teacher": {"module.backbone.*": ...}, "student": ...}`` (teacher preferred);
@@ -14,23 +15,15 @@ grid; RGB patch-embedding kernels are summed for ``in_chans=1``.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Union
 
 import timm
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed
 
-from .clarity import Clarity, init_class_tokens
+from .clarity import Clarity, convert_to_clarity
 from .errors import InputError
-
-BACKBONE_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
-DROPPED_PREFIXES = ("head.", "fc_norm.", "reg_token", "attn_pool.")
-WRAPPER_KEYS = ("teacher", "state_dict", "model", "student")
-MODULE_PREFIXES = ("module.", "backbone.", "_orig_mod.")
-
 
 def load_checkpoint_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     """Read a local ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file into a dict (no download)."""
@@ -49,109 +42,6 @@ def load_checkpoint_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     if not isinstance(checkpoint, dict):
         raise InputError(f"{path} holds a {type(checkpoint).__name__}, not a state dict of tensors")
     return checkpoint
-
-
-def unwrap_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
-    """Strip training wrappers (``teacher``/``model``/...) and prefixes (``module.``, ``backbone.``)."""
-    for key in WRAPPER_KEYS:
-        if key in checkpoint and isinstance(checkpoint[key], dict):
-            checkpoint = checkpoint[key]
-            break
-    out = {}
-    for k, v in checkpoint.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        changed = True
-        while changed:
-            changed = False
-            for prefix in MODULE_PREFIXES:
-                if k.startswith(prefix):
-                    k, changed = k[len(prefix):], True
-        out[k] = v
-    return out
-
-
-def _is_backbone_key(key: str) -> bool:
-    return key.startswith(BACKBONE_PREFIXES)
-
-
-def _split_pos_embed(pos_embed: torch.Tensor, num_prefix: Optional[int]):
-    """``(1, prefix + P, D)`` -> (prefix pos ``(1, prefix, D)``, patch pos ``(1, P, D)``, square side)."""
-    n = pos_embed.shape[1]
-    if num_prefix is None:
-        side = math.isqrt(n)
-        num_prefix = n - side * side
-    side = math.isqrt(n - num_prefix)
-    if side * side != n - num_prefix:
-        raise InputError(f"pos_embed with {n} positions ({num_prefix} prefix) is not a square patch grid")
-    return pos_embed[:, :num_prefix], pos_embed[:, num_prefix:], side
-
-
-def convert_to_clarity(state_dict: Dict[str, torch.Tensor], model: Clarity) -> Dict[str, torch.Tensor]:
-    """Map a (possibly wrapped) ViT or CLARiTy checkpoint onto ``model``'s full state dict.
-
-    Backbone tensors come from the checkpoint; heads the checkpoint lacks keep the
-    model's own initialisation. Raises ValueError naming missing or unexpected keys.
-    """
-    sd = unwrap_state_dict(state_dict)
-    target = model.state_dict()
-    is_clarity = any(k.startswith("segmentcam.") for k in sd) or (
-        "cls_token" in sd and sd["cls_token"].shape[1] == model.num_classes and model.num_classes > 1)
-    num_reg = sd["reg_token"].shape[1] if "reg_token" in sd else 0
-    if not is_clarity:
-        sd = {k: v for k, v in sd.items() if not k.startswith(DROPPED_PREFIXES)}
-    unexpected = [k for k in sd if k not in target]
-    missing = [k for k in target if _is_backbone_key(k) and k not in sd]
-    if missing or unexpected:
-        raise InputError(f"checkpoint does not match the model: missing keys {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
-    out = dict(target)
-    for k, v in sd.items():
-        if k in target and k not in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
-            out[k] = v
-    grid = list(model.grid_size)
-    if is_clarity:
-        _, patch_pos, side = _split_pos_embed(sd["pos_embed"], 0)
-        out["cls_token"] = sd["cls_token"]
-        if out["cls_token"].shape != target["cls_token"].shape:
-            raise InputError(f"checkpoint has {sd['cls_token'].shape[1]} class tokens, the model "
-                             f"num_classes={model.num_classes}; build the model with that many classes "
-                             f"and call reset_classifier")
-    else:
-        num_prefix = sd["cls_token"].shape[1] + num_reg
-        n = sd["pos_embed"].shape[1]
-        if math.isqrt(n) ** 2 == n:  # no_embed_class: no position embedding for prefix tokens
-            num_prefix = 0
-        prefix_pos, patch_pos, side = _split_pos_embed(sd["pos_embed"], num_prefix)
-        source = sd["cls_token"][:, :1] + (prefix_pos[:, :1] if num_prefix else 0)
-        out["cls_token"] = init_class_tokens(source.float(), model.num_classes, model.class_token_noise
-                                             ).to(sd["cls_token"].dtype)
-    if [side, side] != grid:
-        patch_pos = resample_abs_pos_embed(patch_pos.float(), grid, [side, side], num_prefix_tokens=0
-                                           ).to(patch_pos.dtype)
-    out["pos_embed"] = patch_pos
-    out["patch_embed.proj.weight"] = _adapt_in_chans(sd["patch_embed.proj.weight"], model.in_chans)
-    for k in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
-        if out[k].shape != target[k].shape:
-            raise InputError(f"checkpoint {k} has shape {tuple(out[k].shape)} after conversion, "
-                             f"the model expects {tuple(target[k].shape)}")
-    return out
-
-
-def _adapt_in_chans(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
-    if weight.shape[1] == in_chans:
-        return weight
-    if in_chans == 1 and weight.shape[1] == 3:
-        return weight.sum(dim=1, keepdim=True)
-    raise InputError(f"checkpoint patch_embed.proj has {weight.shape[1]} input channels; "
-                     f"only 3 -> 1 (in_chans=1) conversion is supported, model in_chans={in_chans}")
-
-
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Clarity) -> Dict[str, torch.Tensor]:
-    """timm ``pretrained_filter_fn``: used by ``timm.create_model(..., pretrained=True,
-    pretrained_cfg_overlay=dict(file=...))``."""
-    return convert_to_clarity(state_dict, model)
 
 
 def load_pretrained(model: Clarity, path: Union[str, Path]) -> Clarity:

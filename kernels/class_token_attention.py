@@ -2,10 +2,10 @@
 
 Contract (SPEC §4.1)::
 
-    out, maps = class_token_attention(q, k, v, num_class_tokens, *,
+    out, maps = class_token_attention(q, k, v, num_classes, *,
                                       scale=None, maps=None, map_weight=None)
 
-q, k, v: ``(B, nh, N, d)``; the first ``C = num_class_tokens`` tokens are class
+q, k, v: ``(B, nh, N, d)``; the first ``C = num_classes`` tokens are class
 tokens, the remaining ``P = N - C`` are patches. ``out`` is plain non-causal
 attention, shaped and typed like q. With ``map_weight`` set, ``maps`` is
 ``(maps or 0) + map_weight * mean_h softmax(q k^T * scale)[:, h, :C, C:]`` of
@@ -39,7 +39,7 @@ def maps_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_class_tokens: int,
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_classes: int,
                  maps: Optional[torch.Tensor], map_weight: Optional[float]) -> None:
     """Raise a ValueError naming the argument for anything outside the contract."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -56,13 +56,13 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_class_to
     if k.device != q.device or v.device != q.device:
         raise InputError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     B, _, N, _ = q.shape
-    if not isinstance(num_class_tokens, int) or not 1 <= num_class_tokens < N:
-        raise InputError(f"num_class_tokens must be an int with 1 <= num_class_tokens < N = {N}, "
-                         f"got {num_class_tokens!r}")
+    if not isinstance(num_classes, int) or not 1 <= num_classes < N:
+        raise InputError(f"num_classes must be an int with 1 <= num_classes < N = {N}, "
+                         f"got {num_classes!r}")
     if maps is not None:
         if map_weight is None:
             raise InputError("maps was given but map_weight is None; pass map_weight to accumulate maps")
-        expected = (B, num_class_tokens, N - num_class_tokens)
+        expected = (B, num_classes, N - num_classes)
         if tuple(maps.shape) != expected:
             raise InputError(f"maps must have shape (B, C, N - C) = {expected}, got {tuple(maps.shape)}")
         if maps.dtype != maps_dtype(q.dtype):
@@ -71,7 +71,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_class_to
             raise InputError(f"maps must be on {q.device}, got {maps.device}")
 
 
-def class_token_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_class_tokens: int,
+def class_token_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_classes: int,
                                 scale: float, maps: Optional[torch.Tensor] = None,
                                 map_weight: Optional[float] = None,
                                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -83,7 +83,7 @@ def class_token_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     if map_weight is None:
         return out, None
-    C = num_class_tokens
+    C = num_classes
     acc = maps_dtype(q.dtype)
     with torch.autocast(q.device.type, enabled=False):  # the maps accumulate in fp32 under autocast too
         logits = torch.matmul(q[:, :, :C].to(acc), k.to(acc).transpose(-2, -1)) * scale  # (B, nh, C, N)
@@ -91,7 +91,7 @@ def class_token_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return out, new if maps is None else maps + new
 
 
-def class_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_class_tokens: int, *,
+def class_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_classes: int, *,
                           scale: Optional[float] = None, maps: Optional[torch.Tensor] = None,
                           map_weight: Optional[float] = None,
                           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -101,35 +101,35 @@ def class_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num
     (fp64 for fp64 inputs), or None when ``map_weight`` is None. The path is
     chosen by ``attention_backend``.
     """
-    check_inputs(q, k, v, num_class_tokens, maps, map_weight)
+    check_inputs(q, k, v, num_classes, maps, map_weight)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if map_weight is not None:
         map_weight = float(map_weight)
-    name = attention_backend(q, num_class_tokens, map_weight is not None)
-    return _IMPLS[name](q, k, v, num_class_tokens, scale, maps, map_weight)
+    name = attention_backend(q, num_classes, map_weight is not None)
+    return _IMPLS[name](q, k, v, num_classes, scale, maps, map_weight)
 
 
-def triton_supports(q: torch.Tensor, num_class_tokens: int) -> bool:
+def triton_supports(q: torch.Tensor, num_classes: int) -> bool:
     """Whether the Triton kernels cover these shapes (head_dim 32/64/128, at most 64 class tokens)."""
-    return q.shape[-1] in SUPPORTED_HEAD_DIMS and num_class_tokens <= MAX_CLASS_TOKENS
+    return q.shape[-1] in SUPPORTED_HEAD_DIMS and num_classes <= MAX_CLASS_TOKENS
 
 
-def _why_triton_cannot(q: torch.Tensor, num_class_tokens: int) -> Optional[str]:
+def _why_triton_cannot(q: torch.Tensor, num_classes: int) -> Optional[str]:
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         return f"head_dim must be one of {SUPPORTED_HEAD_DIMS} for the Triton kernels, got {q.shape[-1]}"
-    if num_class_tokens > MAX_CLASS_TOKENS:
-        return f"num_class_tokens must be <= {MAX_CLASS_TOKENS} for the Triton kernels, got {num_class_tokens}"
+    if num_classes > MAX_CLASS_TOKENS:
+        return f"num_classes must be <= {MAX_CLASS_TOKENS} for the Triton kernels, got {num_classes}"
     return None
 
 
-def auto_key(q: torch.Tensor, num_class_tokens: int, with_maps: bool, needs_grad: bool) -> tuple:
+def auto_key(q: torch.Tensor, num_classes: int, with_maps: bool, needs_grad: bool) -> tuple:
     """What ``auto`` measures separately: shapes, class count, dtype, device, maps on/off, backward on/off."""
-    return ("class_token_attention", tuple(q.shape), num_class_tokens, str(q.dtype), str(q.device),
+    return ("class_token_attention", tuple(q.shape), num_classes, str(q.dtype), str(q.device),
             with_maps, needs_grad)
 
 
-def attention_backend(q: torch.Tensor, num_class_tokens: int, with_maps: bool) -> str:
+def attention_backend(q: torch.Tensor, num_classes: int, with_maps: bool) -> str:
     """``fused``, ``sdpa+maps`` or ``torch`` for this call (see ``_dispatch`` for the rules).
 
     A forced Triton backend that cannot run these shapes or this device raises a ValueError naming it.
@@ -139,30 +139,30 @@ def attention_backend(q: torch.Tensor, num_class_tokens: int, with_maps: bool) -
         return name
     if name != "auto":
         check_triton_can_run(name, q)
-        why = _why_triton_cannot(q, num_class_tokens)
+        why = _why_triton_cannot(q, num_classes)
         if why:
             raise InputError(f"CLARITY_FAST_BACKEND={name} cannot run this call: {why}")
         return name
-    if not (q.is_cuda and _triton is not None) or q.dtype == torch.float64 or not triton_supports(q, num_class_tokens):
+    if not (q.is_cuda and _triton is not None) or q.dtype == torch.float64 or not triton_supports(q, num_classes):
         return "torch"
     needs_grad = torch.is_grad_enabled() and q.requires_grad
-    key = auto_key(q, num_class_tokens, with_maps, needs_grad)
+    key = auto_key(q, num_classes, with_maps, needs_grad)
     cached = _dispatch.cached_choice(key)
     if cached or torch.compiler.is_compiling():  # no timing while tracing: the eager choice, else fused
         return cached or "fused"
-    workloads = {n: _workload(n, q, num_class_tokens, with_maps, needs_grad) for n in ("fused", "sdpa+maps")}
+    workloads = {n: _workload(n, q, num_classes, with_maps, needs_grad) for n in ("fused", "sdpa+maps")}
     return _dispatch.choose_fastest(key, workloads, deterministic=("fused",))
 
 
-def _workload(name: str, q: torch.Tensor, num_class_tokens: int, with_maps: bool, needs_grad: bool):
+def _workload(name: str, q: torch.Tensor, num_classes: int, with_maps: bool, needs_grad: bool):
     """A representative call of backend ``name`` on fresh random inputs shaped like ``q`` (for ``auto``)."""
     qkv = torch.randn((3, *q.shape), dtype=q.dtype, device=q.device, requires_grad=needs_grad)
     B, _, N, _ = q.shape
-    grads = [torch.randn_like(q)] + ([torch.randn(B, num_class_tokens, N - num_class_tokens, device=q.device,
+    grads = [torch.randn_like(q)] + ([torch.randn(B, num_classes, N - num_classes, device=q.device,
                                                   dtype=maps_dtype(q.dtype))] if with_maps else [])
 
     def run() -> None:
-        out, maps = _IMPLS[name](*qkv.unbind(0), num_class_tokens, q.shape[-1] ** -0.5, None,
+        out, maps = _IMPLS[name](*qkv.unbind(0), num_classes, q.shape[-1] ** -0.5, None,
                                  1.0 if with_maps else None)
         if needs_grad:
             torch.autograd.backward([out] + ([maps] if with_maps else []), grads)
@@ -170,12 +170,12 @@ def _workload(name: str, q: torch.Tensor, num_class_tokens: int, with_maps: bool
     return run
 
 
-def _fused(q, k, v, num_class_tokens, scale, maps, map_weight):
-    return _triton.fused_attention(q, k, v, num_class_tokens, scale, maps, map_weight)
+def _fused(q, k, v, num_classes, scale, maps, map_weight):
+    return _triton.fused_attention(q, k, v, num_classes, scale, maps, map_weight)
 
 
-def _sdpa_maps(q, k, v, num_class_tokens, scale, maps, map_weight):
-    return _triton.sdpa_maps_attention(q, k, v, num_class_tokens, scale, maps, map_weight)
+def _sdpa_maps(q, k, v, num_classes, scale, maps, map_weight):
+    return _triton.sdpa_maps_attention(q, k, v, num_classes, scale, maps, map_weight)
 
 
 _IMPLS = {"fused": _fused, "sdpa+maps": _sdpa_maps, "torch": class_token_attention_torch}

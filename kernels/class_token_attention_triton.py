@@ -453,7 +453,7 @@ def _launch_class_rows_dq(q, k, lse, lse_strides, dmaps, C, scale, map_weight):
 
 
 @torch.library.custom_op("clarity_fast::class_token_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_class_tokens: int, scale: float,
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_classes: int, scale: float,
             maps: Optional[torch.Tensor], map_weight: float, with_maps: bool
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _same_layout(q, k, v)
@@ -464,26 +464,26 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_class_tokens:
             **_common(q))
     if not with_maps:
         return out, lse, torch.empty((0,), dtype=lse.dtype, device=q.device)
-    maps_out = _launch_maps(q, k, lse, (NH * N, N), num_class_tokens, scale, maps, map_weight)
+    maps_out = _launch_maps(q, k, lse, (NH * N, N), num_classes, scale, maps, map_weight)
     return out, lse, maps_out
 
 
 @_fwd_op.register_fake
-def _(q, k, v, num_class_tokens, scale, maps, map_weight, with_maps):
+def _(q, k, v, num_classes, scale, maps, map_weight, with_maps):
     B, NH, N, _ = q.shape
     acc = acc_dtype(q.dtype)
-    shape = (B, num_class_tokens, N - num_class_tokens) if with_maps else (0,)
+    shape = (B, num_classes, N - num_classes) if with_maps else (0,)
     return _empty_bnhd(q), q.new_empty((B, NH, N), dtype=acc), q.new_empty(shape, dtype=acc)
 
 
 @torch.library.custom_op("clarity_fast::class_token_attention_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-            lse: torch.Tensor, dmaps: Optional[torch.Tensor], num_class_tokens: int, scale: float,
+            lse: torch.Tensor, dmaps: Optional[torch.Tensor], num_classes: int, scale: float,
             map_weight: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _same_layout(q, k, v)
     out, dout = _unit_last_dim(out), _unit_last_dim(dout)
     B, NH, N, D = q.shape
-    C = num_class_tokens
+    C = num_classes
     common = _common(q)
     has_dmaps = dmaps is not None
     delta = torch.empty_like(lse)
@@ -505,15 +505,15 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 
 @_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, dmaps, num_class_tokens, scale, map_weight):
+def _(dout, q, k, v, out, lse, dmaps, num_classes, scale, map_weight):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, num_class_tokens, scale, maps, map_weight, with_maps = inputs
+    q, k, v, num_classes, scale, maps, map_weight, with_maps = inputs
     out, lse, _ = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.num_class_tokens, ctx.scale, ctx.map_weight, ctx.with_maps = num_class_tokens, scale, map_weight, with_maps
+    ctx.num_classes, ctx.scale, ctx.map_weight, ctx.with_maps = num_classes, scale, map_weight, with_maps
     ctx.has_maps_input = maps is not None
     ctx.set_materialize_grads(False)  # maps outside the loss: no maps backward at all
 
@@ -525,7 +525,7 @@ def _fwd_backward(ctx, dout, dlse, dmaps):
         return (None,) * 8
     if dout is None:  # only the maps are in the loss
         dout = torch.zeros_like(out)
-    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, dmaps, ctx.num_class_tokens, ctx.scale, ctx.map_weight)
+    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, dmaps, ctx.num_classes, ctx.scale, ctx.map_weight)
     dmaps_in = dmaps if ctx.has_maps_input else None
     return dq, dk, dv, None, None, dmaps_in, None, None
 
@@ -533,12 +533,12 @@ def _fwd_backward(ctx, dout, dlse, dmaps):
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
-def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_class_tokens: int, scale: float,
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_classes: int, scale: float,
                     maps: Optional[torch.Tensor], map_weight: Optional[float],
                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``fused`` backend: the whole attention and the maps in Triton."""
     with_maps = map_weight is not None
-    out, _, maps_out = _fwd_op(q, k, v, num_class_tokens, scale, maps, map_weight if with_maps else 0.0, with_maps)
+    out, _, maps_out = _fwd_op(q, k, v, num_classes, scale, maps, map_weight if with_maps else 0.0, with_maps)
     return out, maps_out if with_maps else None
 
 
@@ -606,12 +606,12 @@ def _maps_backward(ctx, dmaps, dlse):
 _class_row_maps_op.register_autograd(_maps_backward, setup_context=_maps_setup_context)
 
 
-def sdpa_maps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_class_tokens: int, scale: float,
+def sdpa_maps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_classes: int, scale: float,
                         maps: Optional[torch.Tensor], map_weight: Optional[float],
                         ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``sdpa+maps`` backend: ``F.scaled_dot_product_attention`` for the output, Triton for the class rows."""
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     if map_weight is None:
         return out, None
-    maps_out, _ = _class_row_maps_op(q[:, :, :num_class_tokens], k, scale, maps, map_weight)
+    maps_out, _ = _class_row_maps_op(q[:, :, :num_classes], k, scale, maps, map_weight)
     return out, maps_out

@@ -209,8 +209,8 @@ def test_torch_compile_fullgraph_no_graph_break(monkeypatch, backend):
 @pytest.mark.parametrize("make,match", [
     (lambda q: (q, q[:, :, :-1], q, 3), "same shape"),
     (lambda q: (q, q, q.double(), 3), "share a dtype"),
-    (lambda q: (q, q, q, 19), "num_class_tokens"),
-    (lambda q: (q, q, q, 0), "num_class_tokens"),
+    (lambda q: (q, q, q, 19), "num_classes"),
+    (lambda q: (q, q, q, 0), "num_classes"),
     (lambda q: (q[0], q[0], q[0], 3), "4-d"),
     (lambda q: (q.int(), q.int(), q.int(), 3), "fp16, bf16, fp32 or fp64"),
     (lambda q: (q, q.to("meta"), q, 3), "one device"),
@@ -235,7 +235,7 @@ def test_bad_maps_and_triton_limits(monkeypatch):
         with pytest.raises(ValueError, match=re.escape(f"CLARITY_FAST_BACKEND={backend} cannot run") + ".*head_dim must be one of"):
             class_token_attention(q48, q48, q48, 3)
         q_big = torch.randn(1, 1, 70, 32)
-        with pytest.raises(ValueError, match="num_class_tokens must be <= 64"):
+        with pytest.raises(ValueError, match="num_classes must be <= 64"):
             class_token_attention(q_big, q_big, q_big, 65)
 
 

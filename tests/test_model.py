@@ -8,6 +8,9 @@ from clarity_fast import Clarity, ClarityLoss, from_timm
 
 from conftest import tiny_model
 
+TINY = dict(img_size=64, patch_size=8, in_chans=1, embed_dim=32, depth=4, num_heads=2, num_map_layers=2,
+            num_oct_layers=2)
+
 
 def _timm_attention_probs(vit, x):
     """Forward timm's ViT with non-fused attention and capture every softmax (B, nh, N, N)."""
@@ -184,3 +187,44 @@ def test_bf16_autocast_keeps_maps_fp32():
     assert out.maps.dtype == torch.float32
     rows = out.maps.flatten(2).sum(-1)
     assert (rows <= 1 + 1e-3).all() and torch.isfinite(loss.total)
+
+
+def test_forward_intermediates_match_timm_vit():
+    """timm's own forward_intermediates on the source ViT is the truth (one class token, same weights)."""
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, depth=3).eval()
+    model = from_timm(vit, num_classes=1, class_token_noise=0.0).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        for kwargs in (dict(indices=2), dict(indices=[0, 2], norm=True, output_fmt="NLC")):
+            ref_final, ref = vit.forward_intermediates(x, return_prefix_tokens=True, **kwargs)
+            final, got = model.forward_intermediates(x, return_prefix_tokens=True, **kwargs)
+            torch.testing.assert_close(final, ref_final, atol=1e-5, rtol=0)
+            assert len(got) == len(ref)
+            for (g, gp), (r, rp) in zip(got, ref):
+                torch.testing.assert_close(g, r, atol=1e-5, rtol=0)
+                torch.testing.assert_close(gp, rp, atol=1e-5, rtol=0)
+
+
+def test_timm_features_only():
+    model = timm.create_model("clarity_s16_224", features_only=True, out_indices=(1, 3), **TINY)
+    feats = model(torch.randn(2, 1, 64, 64))
+    assert [tuple(f.shape) for f in feats] == [(2, 32, 8, 8)] * 2
+    assert model.feature_info.channels() == [32, 32]
+
+
+def test_class_names_travel_with_the_model():
+    names = ["Effusion", "Mass", "Nodule", "Edema", "Hernia"]
+    model = timm.create_model("clarity_s16_224", num_classes=5, label_names=names, **TINY)
+    assert model.class_names == tuple(names) and model.pretrained_cfg["label_names"] == tuple(names)
+    assert timm.create_model("clarity_s16_224", **TINY).class_names == clarity_fast.pathologies.CLASS_NAMES
+    assert timm.create_model("clarity_s16_224", num_classes=2, **TINY).class_names == ("class_0", "class_1")
+    overlay = timm.create_model("clarity_s16_224", num_classes=2, pretrained_cfg_overlay=dict(label_names=("a", "b")),
+                                **TINY)
+    assert overlay.class_names == ("a", "b")
+    model.reset_classifier(2, label_names=["Mass", "Nodule"])
+    assert model.class_names == ("Mass", "Nodule") and model.pretrained_cfg["label_names"] == ("Mass", "Nodule")
+    assert model(torch.randn(1, 1, 64, 64)).shape == (1, 2)
+    with pytest.raises(ValueError, match="label_names must be 2 strings"):
+        model.class_names = ["one"]
+    with pytest.raises(ValueError, match="label_names must be distinct"):
+        timm.create_model("clarity_s16_224", num_classes=2, label_names=["a", "a"], **TINY)
