@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from .errors import InputError
 from .files import write_text_atomic
 from .images import decode_xray, resize_square
-from .pathologies import CLASS_NAMES, class_masks
-from .phantom import grid_regions
-from .priors import distance_map
+from .pathologies import CLASS_NAMES
+from .priors import class_masks, distance_map, grid_regions
 
 PathLike = Union[str, Path]
 CACHE_VERSION = 1
@@ -300,7 +299,7 @@ def compute_masks(cache_dir: PathLike, segmenter: nn.Module, patch_size: int = 1
         if S != 512:
             x = F.interpolate(x, size=(512, 512), mode="bilinear", align_corners=False)
         logits = segmenter(x / 255 * 2048 - 1024)
-        reg = grid_regions_batch(logits.sigmoid() > 0.5, (h, w))
+        reg = grid_regions(logits.sigmoid() > 0.5, (h, w))
         cls = class_masks(reg)
         regions[ks], masks[ks] = reg.cpu().numpy(), cls.cpu().numpy()
         dists[ks] = distance_map(cls).cpu().numpy().astype(np.float16)
@@ -308,11 +307,6 @@ def compute_masks(cache_dir: PathLike, segmenter: nn.Module, patch_size: int = 1
     for m in (regions, masks, dists, done):
         m.flush()
     return dict(images=int(done.sum()), grid=(h, w))
-
-
-def grid_regions_batch(regions: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    """``(B, 14, H, W)`` full-resolution region masks -> ``(B, 14, h, w)`` (see :func:`grid_regions`)."""
-    return torch.stack([grid_regions(r, grid) for r in regions.cpu()])
 
 
 class NIHCacheDataset(torch.utils.data.Dataset):

@@ -9,16 +9,15 @@ co-occurrence, a ground-truth box per lesion, and the 14 ChestX-Det region masks
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from .errors import InputError
-from .pathologies import CLASS_NAMES, REGION_NAMES, class_masks
-from .priors import distance_map
+from .pathologies import CLASS_NAMES, REGION_NAMES
+from .priors import class_masks, distance_map, grid_regions
 
 # per-class prevalence when an image is abnormal, and co-occurrence: (if, then, probability)
 PREVALENCE = {
@@ -31,7 +30,7 @@ CO_OCCURRENCE = (("Effusion", "Atelectasis", 0.35), ("Cardiomegaly", "Edema", 0.
 NORMAL_FRACTION = 0.3
 MAX_FINDINGS = 3
 
-Box = Tuple[float, float, float, float]  # x0, y0, x1, y1 in [0, 1] image coordinates
+Corners = Tuple[float, float, float, float]  # x0, y0, x1, y1 in [0, 1] image coordinates (not a pixel Box)
 
 
 class _Canvas:
@@ -57,7 +56,7 @@ class _Canvas:
         return np.clip((1 + edge - r) / (2 * edge), 0, 1)
 
 
-def _bbox(mask: np.ndarray) -> Optional[Box]:
+def _bbox(mask: np.ndarray) -> Optional[Corners]:
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
         return None
@@ -223,14 +222,6 @@ def _lesion(name, rng, cv, lungs, heart, mediastinum, diaphragm, hili, cx, cy):
         line = m & ~(np.roll(m, 2, axis=1) & np.roll(m, -2, axis=1) & np.roll(m, 2, axis=0))
         return -0.1 * m + 0.25 * line, _bbox(m)
     raise InputError(f"unknown class {name!r}")
-
-
-def grid_regions(regions: Union[np.ndarray, torch.Tensor], grid: Tuple[int, int]) -> torch.Tensor:
-    """Full-resolution region masks ``(R, H, W)`` -> grid masks ``(R, h, w)``: a cell belongs to a
-    region when any of its pixels does (priors are permissive: thin structures such as the lung
-    lateral to the heart must survive). The ``masks`` step uses the same rule on PSPNet output."""
-    t = torch.as_tensor(np.ascontiguousarray(regions) if isinstance(regions, np.ndarray) else regions)
-    return F.adaptive_max_pool2d(t.float().unsqueeze(0), grid)[0] > 0
 
 
 class PhantomDataset(torch.utils.data.Dataset):

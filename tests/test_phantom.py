@@ -2,7 +2,8 @@
 import torch
 
 from clarity_fast.pathologies import CLASS_NAMES, REGION_NAMES
-from clarity_fast.phantom import PhantomDataset, grid_regions, render
+from clarity_fast.phantom import PhantomDataset, render
+from clarity_fast.priors import grid_regions
 from clarity_fast.viz import contact_sheet
 
 
