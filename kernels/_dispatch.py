@@ -1,4 +1,4 @@
-"""Backend selection shared by every op (SPEC §4, "Dispatch").
+"""What every op shares: backend selection (SPEC §4, "Dispatch"), the Triton probe, accumulation dtypes.
 
 ``CLARITY_FAST_BACKEND`` = ``auto`` (default) | ``fused`` | ``sdpa+maps`` | ``torch``:
 
@@ -27,6 +27,18 @@ import torch
 from ..errors import InputError
 
 BACKENDS = ("auto", "fused", "sdpa+maps", "torch")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation (and maps / saved-statistics) dtype for inputs of ``dtype``: fp64 for fp64, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The ``triton.language`` dtype of a torch floating dtype (Triton imported here, on first use)."""
+    import triton.language as tl
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+            torch.float64: tl.float64}[dtype]
 _LOG = logging.getLogger("clarity_fast.kernels")
 
 

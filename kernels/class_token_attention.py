@@ -27,16 +27,11 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from . import _dispatch
-from ._dispatch import backend, check_triton_can_run, triton_available
+from ._dispatch import acc_dtype, backend, check_triton_can_run, triton_available
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_CLASS_TOKENS = 64
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
-
-
-def maps_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the maps: fp64 for fp64 inputs, fp32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_classes: int,
@@ -65,8 +60,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_classes:
         expected = (B, num_classes, N - num_classes)
         if tuple(maps.shape) != expected:
             raise InputError(f"maps must have shape (B, C, N - C) = {expected}, got {tuple(maps.shape)}")
-        if maps.dtype != maps_dtype(q.dtype):
-            raise InputError(f"maps must be {maps_dtype(q.dtype)} for {q.dtype} inputs, got {maps.dtype}")
+        if maps.dtype != acc_dtype(q.dtype):
+            raise InputError(f"maps must be {acc_dtype(q.dtype)} for {q.dtype} inputs, got {maps.dtype}")
         if maps.device != q.device:
             raise InputError(f"maps must be on {q.device}, got {maps.device}")
 
@@ -84,7 +79,7 @@ def class_token_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if map_weight is None:
         return out, None
     C = num_classes
-    acc = maps_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     with torch.autocast(q.device.type, enabled=False):  # the maps accumulate in fp32 under autocast too
         logits = torch.matmul(q[:, :, :C].to(acc), k.to(acc).transpose(-2, -1)) * scale  # (B, nh, C, N)
         new = logits.softmax(dim=-1)[..., C:].mean(dim=1) * map_weight  # (B, C, P)
@@ -159,7 +154,7 @@ def _workload(name: str, q: torch.Tensor, num_classes: int, with_maps: bool, nee
     qkv = torch.randn((3, *q.shape), dtype=q.dtype, device=q.device, requires_grad=needs_grad)
     B, _, N, _ = q.shape
     grads = [torch.randn_like(q)] + ([torch.randn(B, num_classes, N - num_classes, device=q.device,
-                                                  dtype=maps_dtype(q.dtype))] if with_maps else [])
+                                                  dtype=acc_dtype(q.dtype))] if with_maps else [])
 
     def run() -> None:
         out, maps = _IMPLS[name](*qkv.unbind(0), num_classes, q.shape[-1] ** -0.5, None,
@@ -181,7 +176,7 @@ def _sdpa_maps(q, k, v, num_classes, scale, maps, map_weight):
 _IMPLS = {"fused": _fused, "sdpa+maps": _sdpa_maps, "torch": class_token_attention_torch}
 
 
-if triton_available():  # after maps_dtype, which the kernels module imports from here
+if triton_available():
     from . import class_token_attention_triton as _triton
 else:  # pragma: no cover - exercised by hiding triton
     _triton = None

@@ -27,17 +27,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreter_enabled
-from .class_token_attention import (
-    maps_dtype as acc_dtype,  # fp64 for fp64 inputs, fp32 otherwise
-)
+from ._dispatch import acc_dtype, interpreter_enabled, tl_dtype
 
 LOG2E = math.log2(math.e)
 
 # Saved statistics: lse2 is (B, nh, N) for the fused backend and (B, nh, C) for sdpa+maps; kernels
 # take its (batch, head) strides (l_b, l_h), rows contiguous. Row terms r and DQC are (B, nh, C[, d]).
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-              torch.float64: tl.float64}
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -145,7 +140,7 @@ def _maps_kernel(Q, K, LSE, MAPS_IN, MAPS_OUT, s_b, s_h, s_n, l_b, l_h, N, NH, C
     pcol = pid_p * BLOCK_N + tl.arange(0, BLOCK_N)
     total = tl.zeros([BLOCK_C, BLOCK_N], ACC)
     for h in range(0, NH):  # heads in a fixed order: deterministic sum
-        base = b.to(tl.int64) * s_b + h * s_h
+        base = b.to(tl.int64) * s_b + tl.cast(h, tl.int64) * s_h  # 64-bit: h is a plain int in the interpreter
         crow, offs_d, q_c, lse2 = _class_queries(Q, LSE, b, h, base, s_n, l_b, l_h, C, BLOCK_C, HEAD_DIM)
         k = _load_rows(K, base, C + pcol, s_n, offs_d, N, True)
         total += _class_row_probs(q_c, k, lse2, crow, C + pcol, C, N, qk_scale, ACC, PREC)
@@ -419,7 +414,7 @@ def _empty_bnhd(q: torch.Tensor) -> torch.Tensor:
 
 def _common(q: torch.Tensor) -> dict:
     acc = acc_dtype(q.dtype)
-    return dict(HEAD_DIM=q.shape[-1], ACC=_TL_DTYPES[acc], PREC=dot_precision(q.dtype))
+    return dict(HEAD_DIM=q.shape[-1], ACC=tl_dtype(acc), PREC=dot_precision(q.dtype))
 
 
 # --------------------------------------------------------------------------- class-row launches (both backends)

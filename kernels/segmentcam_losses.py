@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ._dispatch import triton_available, use_triton
+from ._dispatch import acc_dtype, triton_available, use_triton
 
 
 class SegmentCAMLosses(NamedTuple):
@@ -50,10 +50,6 @@ def segmentcam_logits(heatmap: torch.Tensor, scores: torch.Tensor, eps: float = 
 def positive_mean(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean of ``values (B, C)`` over pairs with label 1; 0 when there are none."""
     return (values * labels).sum() / labels.sum().clamp(min=1)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _validate_shapes(heatmap: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
@@ -105,7 +101,7 @@ def segmentcam_losses_torch(heatmap: torch.Tensor, scores: torch.Tensor, labels:
     invalid = torch.stack([(~torch.isfinite(heatmap)).sum() + (~torch.isfinite(scores)).sum(),
                            ((labels != 0) & (labels != 1)).sum(), bad_priors])
     _check_now(invalid, validate)
-    acc = _acc_dtype(heatmap.dtype)  # fp32 sums for fp16/bf16 inputs, as in the kernel
+    acc = acc_dtype(heatmap.dtype)  # fp32 sums for fp16/bf16 inputs, as in the kernel
     heatmap, scores = heatmap.to(acc), scores.to(acc)
     if from_logits:
         heatmap = heatmap.sigmoid()
@@ -151,7 +147,7 @@ def segmentcam_losses(heatmap: torch.Tensor, scores: torch.Tensor, labels: torch
     return SegmentCAMLosses(losses[0], losses[1], losses[2], losses[3], logits[0], logits[1], logits[2], invalid)
 
 
-if triton_available():  # after _acc_dtype, which the kernels module imports from here
+if triton_available():
     from . import segmentcam_losses_triton as _triton
 else:  # pragma: no cover - exercised by hiding triton
     _triton = None
