@@ -1,5 +1,7 @@
 """The ``clarity-fast`` command line: demo, train, eval, predict, prepare, masks, teacher-logits.
 
+It only parses arguments, calls :mod:`clarity_fast.experiment` (or the data modules) and prints.
+
 Mistakes in what a user gave (missing data, bad config values, unreadable files) end with one
 clear line on stderr and exit code 2 (:class:`clarity_fast.errors.InputError`); any other exception
 is a bug and keeps its traceback.
@@ -7,100 +9,14 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 
+from . import experiment
 from .errors import InputError
-from .pathologies import CLASS_NAMES
-
-# The main job on a CPU: a small CLARiTy on 128 px phantoms (8 px patches -> 16 x 16 maps).
-DEMO_CPU = dict(model="clarity_s16_224", num_train=4000, num_val=400, epochs=6, batch_size=32, lr=1.5e-3,
-                warmup_epochs=0.5, layer_decay=1.0, drop_path=0.0, output_dir="runs/demo",
-                model_args=dict(img_size=128, patch_size=8, embed_dim=96, depth=6, num_heads=3,
-                                num_map_layers=4, num_oct_layers=4, in_chans=1))
-# On a GPU: the real CLARiTy-S-16-224 configuration on 224 px phantoms.
-DEMO_GPU = dict(model="clarity_s16_224", num_train=8000, num_val=1000, epochs=8, batch_size=64, lr=5e-4,
-                warmup_epochs=1, layer_decay=1.0, output_dir="runs/demo", model_args=dict(in_chans=1))
-
-
-def model_geometry(cfg) -> Tuple[int, int]:
-    """(img_size, patch_size) of the configured model."""
-    import timm
-    img = cfg.model_args.get("img_size")
-    if img is None:
-        img = timm.models.get_pretrained_cfg(cfg.model).input_size[-1]
-    patch = cfg.model_args.get("patch_size", 16)
-    if not isinstance(patch, int) or isinstance(patch, bool) or patch < 1:
-        raise InputError(f"patch_size must be an integer >= 1, got {patch!r}")
-    if not isinstance(img, int) or img % patch:
-        raise InputError(f"img_size {img!r} must be an integer divisible by patch_size {patch}")
-    return img, patch
-
-
-def build_datasets(cfg, progress: bool = True, train: bool = True):
-    """(train, evaluation) data sets for ``cfg``: phantom (made in memory) or NIH (from the cache).
-    With ``train=False`` the first is None."""
-    img, patch = model_geometry(cfg)
-    if cfg.dataset == "phantom":
-        from .data import InMemoryDataset
-        from .phantom import PhantomDataset
-        train_set = InMemoryDataset(PhantomDataset(cfg.num_train, img, patch, seed=cfg.seed), progress,
-                                    "generating phantoms") if train else None
-        test = InMemoryDataset(PhantomDataset(cfg.num_val, img, patch, seed=cfg.seed + 1), progress,
-                               "generating test phantoms")
-        return train_set, test
-    from .nih import NIHCacheDataset
-    if not cfg.cache_dir:
-        raise InputError("dataset=nih needs cache_dir=<folder made by 'clarity-fast prepare'>")
-    return (NIHCacheDataset(cfg.cache_dir, "train", patch_size=patch) if train else None,
-            NIHCacheDataset(cfg.cache_dir, "test", patch_size=patch))
-
-
-def _load_teacher(path: Optional[str]):
-    if not path:
-        return None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        return dict(zip(data["ids"], data["logits"].float()))
-    except Exception as e:
-        raise InputError(f"teacher_logits {path} is not a file made by 'clarity-fast teacher-logits' "
-                         f"({str(e).splitlines()[0][:120] if str(e) else e.__class__.__name__})") from None
-
-
-def _train_and_report(cfg, resume: bool, progress: bool = True, overwrite: bool = False) -> dict:
-    from .evaluation import evaluate_model, write_report
-    from .training import Trainer, check_setup
-    check_setup(cfg)  # fail before minutes of data preparation
-    train_set, test_set = build_datasets(cfg, progress)
-    trainer = Trainer(cfg, train_set, teacher=_load_teacher(cfg.teacher_logits), progress=progress,
-                      overwrite=overwrite)
-    if resume:
-        trainer.resume()
-    t0 = time.perf_counter()
-    trainer.fit()
-    minutes = (time.perf_counter() - t0) / 60
-    if trainer.rank != 0:
-        return {}
-    out_dir = Path(cfg.output_dir) / "eval"
-    model = trainer.eval_model()
-    report = evaluate_model(model, test_set, CLASS_NAMES, out_dir, device=trainer.device, progress=progress,
-                            tune_at=cfg.xi_tune_at)
-    report["train_minutes"] = minutes
-    if cfg.dataset == "nih":  # the validation split prepare carved: a reported validation AUC
-        from .evaluation import classification_report, run_model
-        from .nih import NIHCacheDataset
-        val = run_model(model, NIHCacheDataset(cfg.cache_dir, "val", patch_size=model_geometry(cfg)[1]),
-                        device=trainer.device, progress=progress)
-        report["validation_classification"] = classification_report(val["probs"], val["labels"], CLASS_NAMES)
-    write_report(report, out_dir)
-    _print_summary(report, out_dir)
-    return report
-
 
 def _print_summary(report: dict, out_dir: Path, stem: str = "report") -> None:
     cls = report["classification"]
@@ -122,72 +38,46 @@ def _print_summary(report: dict, out_dir: Path, stem: str = "report") -> None:
 
 
 def cmd_demo(args) -> None:
-    from .training import LATEST, TrainConfig, load_config
-    preset = DEMO_GPU if torch.cuda.is_available() and not args.cpu else DEMO_CPU
-    cfg = load_config(None, args.set, base=TrainConfig(**preset))
-    out, k = Path(cfg.output_dir), 1
-    while (out / LATEST).exists() or any(out.glob("ckpt-*")):  # each demo run gets its own folder
-        k += 1
-        out = Path(f"{cfg.output_dir}-{k}")
-    cfg.output_dir = str(out)
+    cfg = experiment.demo_config(cpu=args.cpu, overrides=args.set)
     print(f"clarity-fast demo: training {cfg.model} {cfg.model_args} on {cfg.num_train} phantom images "
-          f"({'CUDA' if torch.cuda.is_available() and not args.cpu else 'CPU'}), then evaluating on {cfg.num_val}; "
-          f"run folder {out}")
-    if args.cpu:
-        cfg.device = "cpu"
-    _train_and_report(cfg, resume=False)
+          f"({'CPU' if cfg.device == 'cpu' else 'CUDA'}), then evaluating on {cfg.num_val}; "
+          f"run folder {cfg.output_dir}")
+    _report(experiment.train_and_evaluate(cfg), Path(cfg.output_dir) / "eval")
 
 
 def cmd_train(args) -> None:
     from .training import load_config
-    _init_distributed()
+    experiment.init_distributed()
     cfg = load_config(args.config, args.set)
     if args.resume and args.overwrite:
         raise InputError("--resume and --overwrite contradict each other: pick one")
-    _train_and_report(cfg, resume=args.resume, overwrite=args.overwrite)
+    _report(experiment.train_and_evaluate(cfg, resume=args.resume, overwrite=args.overwrite),
+            Path(cfg.output_dir) / "eval")
 
 
-def _init_distributed() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+def _report(report: dict, out_dir: Path) -> None:
+    if report:  # rank 0
+        _print_summary(report, out_dir)
 
 
 def _load_model(args):
-    """The model of ``args.checkpoint`` (EMA weights where the run kept them, unless ``--raw-weights``),
-    on ``args.device``, with its config; says which weights it loaded."""
-    from .training import load_config, load_model_weights, resolve_device
-    from .weights import create_model
-    path = Path(args.checkpoint)
-    config = args.config
-    if config is None and path.is_dir() and (path / "config.yaml").exists():
-        config = str(path / "config.yaml")
-    cfg = load_config(config, args.set)
-    device = resolve_device(args.device)
-    model = create_model(cfg.model, **cfg.model_args)
-    which = load_model_weights(model, path, ema=not args.raw_weights)
-    print(f"clarity-fast {args.command}: {which} on {device}", file=sys.stderr)
-    return model.to(device).eval(), cfg, device
+    """The model of ``args.checkpoint`` on ``args.device`` with its config; says which weights it loaded."""
+    model, cfg, which = experiment.load_model(args.checkpoint, args.config, args.set, args.device,
+                                              ema=not args.raw_weights)
+    print(f"clarity-fast {args.command}: {which} on {next(model.parameters()).device}", file=sys.stderr)
+    return model, cfg
 
 
 def cmd_eval(args) -> None:
-    from .evaluation import evaluate_model
-    model, cfg, device = _load_model(args)
-    _, test_set = build_datasets(cfg, train=False)
+    model, cfg = _load_model(args)
     out_dir = Path(args.output or Path(args.checkpoint) / "eval")
-    # beside the training report (report.md), never over it
-    report = evaluate_model(model, test_set, CLASS_NAMES, out_dir, tune_at=cfg.xi_tune_at, device=device,
-                            stem="eval_report")
-    _print_summary(report, out_dir, stem="eval_report")
+    _print_summary(experiment.evaluate(model, cfg, out_dir), out_dir, stem="eval_report")
 
 
 def cmd_predict(args) -> None:
     from .predict import predict_files
-    model, _, _ = _load_model(args)
-    results = predict_files(model, args.images, args.output, threshold=args.threshold)
-    for r in results:
+    model, _ = _load_model(args)
+    for r in predict_files(model, args.images, args.output, threshold=args.threshold):
         top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[:3]
         print(f"{r['image']}: " + ", ".join(f"{k} {v:.2f}" for k, v in top) + f" -> {r['overlay']}")
 
@@ -208,29 +98,11 @@ def cmd_masks(args) -> None:
     print(f"anatomical priors for {summary['images']} images at grid {summary['grid']} in {args.cache_dir}")
 
 
-@torch.no_grad()
 def cmd_teacher_logits(args) -> None:
-    import timm
-
-    from .data import collate, normalize
     from .training import load_config
-    cfg = load_config(args.config, args.set)
-    train_set, _ = build_datasets(cfg)
-    teacher = timm.create_model(args.model, pretrained=False, num_classes=len(CLASS_NAMES))
-    if args.checkpoint:
-        timm.models.load_checkpoint(teacher, args.checkpoint)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher = teacher.to(device).eval()
-    in_chans = teacher.default_cfg.get("input_size", (3,))[0] if hasattr(teacher, "default_cfg") else 3
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, collate_fn=collate)
-    ids, logits = [], []
-    from tqdm.auto import tqdm
-    for batch in tqdm(loader, desc="teacher logits"):
-        logits.append(teacher(normalize(batch["image"].to(device), in_chans)).float().cpu())
-        ids += batch["id"]
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"ids": ids, "logits": torch.cat(logits), "model": args.model}, args.output)
-    print(f"{len(ids)} teacher logits from {args.model} -> {args.output} (use teacher_logits={args.output})")
+    count = experiment.teacher_logits(load_config(args.config, args.set), args.model, args.output,
+                                      checkpoint=args.checkpoint, batch_size=args.batch_size)
+    print(f"{count} teacher logits from {args.model} -> {args.output} (use teacher_logits={args.output})")
 
 
 def cmd_phantom(args) -> None:

@@ -1,7 +1,7 @@
 """Evaluation (SPEC §6): per-class / macro ROC AUC and IoU accuracy of boxes drawn from maps.
 
-Box protocol: upsample the class's map bilinearly to image size, min-max normalise, threshold
-at ξ(c), take the bounding box of the largest connected component. ξ(c) is tuned per class on
+Boxes come from Ξ by the one protocol of :mod:`clarity_fast.boxes` (upsample, min-max normalise,
+threshold at ξ(c), largest connected component). ξ(c) is tuned per class on
 one half of the box images (split by patient) and reported on the other half, and the reverse.
 The tuning criterion is the mean IoU accuracy over T = 0.1 … 0.7 by default, or the accuracy at
 one T (``tune_at``); every report states which.
@@ -16,17 +16,14 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy import ndimage
 from scipy.stats import rankdata
 
+from .boxes import Box, box_from_map, iou, largest_component_box, normalised_upsample
 from .errors import InputError
+from .files import write_text_atomic
 
 IOU_THRESHOLDS: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 XI_CANDIDATES: Tuple[float, ...] = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2))
-
-Box = Tuple[float, float, float, float]  # x, y, w, h in image pixels
-
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC by the Mann-Whitney rank statistic (ties get half credit); NaN if one class is absent."""
@@ -50,53 +47,6 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, classes: Sequen
             "macro_auc_classes": len(valid), "num_classes": len(classes)}
 
 
-def normalised_upsample(loc_map: torch.Tensor, image_size: Tuple[int, int]) -> Optional[np.ndarray]:
-    """``(h, w)`` map -> ``(H, W)`` float32 array in [0, 1]: bilinear upsampling to ``image_size = (H, W)``,
-    then min-max normalisation; None if the map is flat."""
-    m = F.interpolate(loc_map.detach().float().cpu()[None, None], size=tuple(image_size), mode="bilinear",
-                      align_corners=False)[0, 0].numpy()
-    lo, hi = m.min(), m.max()
-    if not hi > lo:
-        return None
-    return (m - lo) / (hi - lo)
-
-
-def largest_component_box(foreground: np.ndarray) -> Optional[Box]:
-    """Bounding box (x, y, w, h) of the largest 4-connected component of a 2-d bool array; None if empty."""
-    rows = np.flatnonzero(foreground.any(1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(foreground.any(0))
-    r0, c0 = int(rows[0]), int(cols[0])
-    crop = foreground[r0:rows[-1] + 1, c0:cols[-1] + 1]  # label only the foreground's bounding box
-    labels, n = ndimage.label(crop)
-    if n > 1:
-        largest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
-        crop = labels == largest
-        rows, cols = np.flatnonzero(crop.any(1)), np.flatnonzero(crop.any(0))
-        r0, c0 = r0 + int(rows[0]), c0 + int(cols[0])
-        return float(c0), float(r0), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)
-    return float(c0), float(r0), float(crop.shape[1]), float(crop.shape[0])
-
-
-def box_from_map(loc_map: torch.Tensor, image_size: Tuple[int, int], threshold: float) -> Optional[Box]:
-    """``(h, w)`` map -> box of the largest connected component at or above ``threshold`` after bilinear
-    upsampling to ``image_size = (H, W)`` and min-max normalisation; None if the map is flat."""
-    m = normalised_upsample(loc_map, image_size)
-    return None if m is None else largest_component_box(m >= threshold)
-
-
-def iou(a: Optional[Box], b: Box) -> float:
-    """Intersection over union of two (x, y, w, h) boxes; 0 when ``a`` is None."""
-    if a is None:
-        return 0.0
-    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union > 0 else 0.0
-
-
 @dataclass
 class BoxRecord:
     """One ground-truth box: image id, patient id, class index, (x, y, w, h) and the image size (H, W)."""
@@ -116,7 +66,8 @@ def patient_folds(records: Sequence[BoxRecord], seed: int = 0) -> np.ndarray:
     return np.array([fold_of[r.patient] for r in records], dtype=int)
 
 
-def _iou_table(records: Sequence[BoxRecord], maps: Dict[str, torch.Tensor], candidates: Sequence[float]) -> np.ndarray:
+def _iou_table(records: Sequence[BoxRecord], loc_maps: Dict[str, torch.Tensor],
+               candidates: Sequence[float]) -> np.ndarray:
     """IoU of every record's box with the box drawn at every candidate ξ, ``(n_records, n_candidates)``;
     each (image, class) map is upsampled and normalised once."""
     table = np.zeros((len(records), len(candidates)))
@@ -124,7 +75,7 @@ def _iou_table(records: Sequence[BoxRecord], maps: Dict[str, torch.Tensor], cand
     for i, r in enumerate(records):
         groups.setdefault((r.image_id, r.class_index, tuple(r.image_size)), []).append(i)
     for (image_id, c, size), rows in groups.items():
-        m = normalised_upsample(maps[image_id][c], size)
+        m = normalised_upsample(loc_maps[image_id][c], size)
         if m is None:
             continue
         for j, xi in enumerate(candidates):
@@ -141,23 +92,23 @@ def xi_criterion(tune_at: Optional[float]) -> str:
     return f"IoU accuracy at T = {tune_at:.1f}"
 
 
-def localization_report(records: Sequence[BoxRecord], maps: Dict[str, torch.Tensor], classes: Sequence[str],
+def localization_report(records: Sequence[BoxRecord], loc_maps: Dict[str, torch.Tensor], classes: Sequence[str],
                         thresholds: Sequence[float] = IOU_THRESHOLDS, candidates: Sequence[float] = XI_CANDIDATES,
                         seed: int = 0, tune_at: Optional[float] = None) -> Dict:
     """IoU accuracy per class and T, for both folds (ξ tuned on the other) and their mean.
 
-    maps: image id -> ``(C, h, w)`` localization maps Ξ. ``tune_at``: None tunes ξ for the mean
+    loc_maps: image id -> ``(C, h, w)`` localization maps Ξ. ``tune_at``: None tunes ξ for the mean
     accuracy over ``thresholds``, a number for the accuracy at that T. Returns a dict with
     ``accuracy[class][T]`` (mean of the two folds), ``folds`` (each fold's accuracy, macro and tuned ξ),
     ``macro`` (per T, over classes with boxes), ``mean_iou_accuracy`` (over classes and T) and
     ``xi_criterion``.
     """
-    missing = sorted({r.image_id for r in records if r.image_id not in maps})
+    missing = sorted({r.image_id for r in records if r.image_id not in loc_maps})
     if missing:
-        raise InputError(f"maps are missing for {len(missing)} box images, e.g. {missing[:3]}")
+        raise InputError(f"localization maps Ξ are missing for {len(missing)} box images, e.g. {missing[:3]}")
     if tune_at is not None and not any(abs(tune_at - t) < 1e-9 for t in thresholds):
         raise InputError(f"tune_at must be one of the thresholds {tuple(thresholds)} or None, got {tune_at}")
-    table = _iou_table(records, maps, candidates)  # (n_records, n_candidates)
+    table = _iou_table(records, loc_maps, candidates)  # (n_records, n_candidates)
     folds = patient_folds(records, seed)
     cls = np.array([r.class_index for r in records])
     T = np.asarray(thresholds)
@@ -197,10 +148,10 @@ def out_of_fold_xi(report: Dict, records: Sequence[BoxRecord], classes: Sequence
     return [report["folds"][f]["xi"][classes[r.class_index]] for r, f in zip(records, folds)]
 
 
-def random_maps(maps: Dict[str, torch.Tensor], seed: int = 0) -> Dict[str, torch.Tensor]:
+def random_maps(loc_maps: Dict[str, torch.Tensor], seed: int = 0) -> Dict[str, torch.Tensor]:
     """Uniform random maps of the same shapes: the chance baseline, evaluated the same way."""
     g = torch.Generator().manual_seed(seed)
-    return {k: torch.rand(v.shape, generator=g) for k, v in sorted(maps.items())}
+    return {k: torch.rand(v.shape, generator=g) for k, v in sorted(loc_maps.items())}
 
 
 def _fmt(v: float) -> str:
@@ -261,9 +212,18 @@ def write_report(report: Dict, out_dir: Union[str, Path], stem: str = "report") 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
-    md_path.write_text(markdown_report(report))
+    write_text_atomic(json_path, json.dumps(_json_safe(report), indent=2, allow_nan=False))
+    write_text_atomic(md_path, markdown_report(report))
     return json_path, md_path
+
+
+def check_classes(model: torch.nn.Module, dataset) -> Tuple[str, ...]:
+    """The model's class names, after checking that ``dataset`` (if it names its classes) uses the same ones."""
+    classes = tuple(model.class_names)
+    theirs = getattr(dataset, "classes", None)
+    if theirs is not None and tuple(theirs) != classes:
+        raise InputError(f"the data set's classes {list(theirs)} are not the model's class_names {list(classes)}")
+    return classes
 
 
 @torch.no_grad()
@@ -278,7 +238,7 @@ def run_model(model: torch.nn.Module, dataset, batch_size: int = 32, device: Uni
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          collate_fn=collate)
-    probs, labels, ids, maps, records, images = [], [], [], {}, [], {}
+    probs, labels, ids, loc_maps, records, images = [], [], [], {}, [], {}
     amp = torch.device(device).type == "cuda"
     for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
         x = normalize(batch["image"].to(device), model.in_chans)
@@ -291,29 +251,31 @@ def run_model(model: torch.nn.Module, dataset, batch_size: int = 32, device: Uni
         for i, boxes in enumerate(batch["boxes"]):
             if len(boxes):
                 key = batch["id"][i]
-                maps[key] = out.loc_map[i].float().cpu()
+                loc_maps[key] = out.loc_map[i].float().cpu()
                 images[key] = batch["image"][i]
                 records += [BoxRecord(key, batch["patient"][i], int(b[0]), tuple(b[1:].tolist()), size)
                             for b in boxes]
     model.train(was_training)
-    return dict(probs=torch.cat(probs).numpy(), labels=torch.cat(labels).numpy(), ids=ids, maps=maps,
+    return dict(probs=torch.cat(probs).numpy(), labels=torch.cat(labels).numpy(), ids=ids, loc_maps=loc_maps,
                 records=records, images=images)
 
 
-def evaluate_model(model: torch.nn.Module, dataset, classes: Sequence[str], out_dir: Union[str, Path, None] = None,
+def evaluate_model(model: torch.nn.Module, dataset, out_dir: Union[str, Path, None] = None,
                    batch_size: int = 32, device: Union[str, torch.device] = "cpu", num_overlays: int = 8,
                    seed: int = 0, progress: bool = True, tune_at: Optional[float] = None,
                    stem: str = "report") -> Dict:
-    """Classification and localization report of ``model`` on ``dataset`` with the random-map baseline;
+    """Classification and localization report of ``model`` on ``dataset`` with the random-map baseline,
+    per class of ``model.class_names`` (the data set's ``classes``, where it has them, must be the same);
     with ``out_dir``: ``<stem>.json``, ``<stem>.md`` and PNG overlays of the first box images, each box
     drawn with the ξ the report scored it with (tuned on the other patient fold)."""
     from .viz import overlay, tile
+    classes = check_classes(model, dataset)
     res = run_model(model, dataset, batch_size, device, progress=progress)
     report = {"classification": classification_report(res["probs"], res["labels"], classes)}
     if res["records"]:
-        report["localization"] = localization_report(res["records"], res["maps"], classes, seed=seed,
+        report["localization"] = localization_report(res["records"], res["loc_maps"], classes, seed=seed,
                                                      tune_at=tune_at)
-        report["random_baseline"] = localization_report(res["records"], random_maps(res["maps"], seed), classes,
+        report["random_baseline"] = localization_report(res["records"], random_maps(res["loc_maps"], seed), classes,
                                                         seed=seed, tune_at=tune_at)
     if out_dir is not None:
         write_report(report, out_dir, stem)
@@ -321,7 +283,7 @@ def evaluate_model(model: torch.nn.Module, dataset, classes: Sequence[str], out_
         xis = out_of_fold_xi(report["localization"], res["records"], classes, seed)[:num_overlays] if records else []
         pictures = []
         for r, xi in zip(records, xis):
-            loc_map = res["maps"][r.image_id][r.class_index]
+            loc_map = res["loc_maps"][r.image_id][r.class_index]
             pred = box_from_map(loc_map, r.image_size, xi)
             pictures.append(overlay(res["images"][r.image_id], loc_map, [pred] if pred else [], [r.box],
                                     title=f"{classes[r.class_index]} ξ={xi:.2f} IoU={iou(pred, r.box):.2f}"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 
 def fsync_file(path: Union[str, Path]) -> None:
@@ -19,13 +19,20 @@ def fsync_dir(path: Union[str, Path]) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: Union[str, Path], text: str) -> None:
-    """Replace ``path`` by ``text`` in one rename: a reader sees the old file or the new one, never a part."""
+def write_atomic(path: Union[str, Path], write: Callable[[Path], None]) -> None:
+    """Replace ``path`` by what ``write(tmp)`` writes into a temporary file beside it, fsynced, in one rename:
+    a reader sees the old file or the new one, never a part."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Union[str, Path], text: str) -> None:
+    """:func:`write_atomic` of a text."""
+    write_atomic(path, lambda tmp: tmp.write_text(text))

@@ -11,10 +11,9 @@ from PIL import Image
 
 from .data import normalize
 from .errors import InputError
-from .evaluation import box_from_map
+from .boxes import box_from_map
 from .files import write_text_atomic
 from .images import decode_xray, resize_square
-from .pathologies import CLASS_NAMES
 from .viz import overlay, tile
 
 
@@ -55,12 +54,13 @@ def predict_files(model, paths: Sequence[Union[str, Path]], out_dir: Union[str, 
                   threshold: float = 0.5) -> List[Dict]:
     """Run ``model`` on each file; write one overlay per input (one panel per finding with p >= 0.5,
     else the most likely class; distinct names for inputs that share a stem) and ``predictions.json``
-    (atomically). Boxes are (x, y, w, h) in input-file pixels. Never writes over an input file."""
+    (atomically). Classes are named by ``model.class_names``; boxes are (x, y, w, h) in input-file pixels,
+    drawn from Ξ by :func:`clarity_fast.boxes.box_from_map`. Never writes over an input file."""
     out_dir = Path(out_dir)
     names = overlay_names(paths)
     _check_outputs(paths, out_dir, names)
     out_dir.mkdir(parents=True, exist_ok=True)
-    size = model.patch_embed.img_size[0]
+    size, classes = model.patch_embed.img_size[0], model.class_names
     device = next(model.parameters()).device
     model.eval()
     results = []
@@ -77,11 +77,11 @@ def predict_files(model, paths: Sequence[Union[str, Path]], out_dir: Union[str, 
             box = box_from_map(loc_map, (size, size), threshold)
             if box is not None:
                 sx, sy = W / size, H / size
-                boxes[CLASS_NAMES[c]] = [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
-            panels.append(overlay(img, loc_map, [box] if box else [], title=f"{CLASS_NAMES[c]} {probs[c]:.2f}"))
+                boxes[classes[c]] = [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+            panels.append(overlay(img, loc_map, [box] if box else [], title=f"{classes[c]} {probs[c]:.2f}"))
         picture = out_dir / name
         tile(panels, min(4, len(panels))).save(picture)
-        results.append(dict(image=str(path), probabilities=dict(zip(CLASS_NAMES, probs)), boxes=boxes,
+        results.append(dict(image=str(path), probabilities=dict(zip(classes, probs)), boxes=boxes,
                             overlay=str(picture)))
     write_text_atomic(out_dir / "predictions.json", json.dumps(results, indent=2))
     return results

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import inspect
+import json
 import math
 import os
 import random
@@ -18,13 +19,14 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import timm
 import torch
 import torch.distributed as dist
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 
@@ -213,7 +215,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -249,7 +251,10 @@ def save_checkpoint(run_dir: Union[str, Path], model: torch.nn.Module, state: Di
     files = [(MODEL_FILE, model)] + ([(EMA_FILE, ema)] if ema is not None else [])
     for file, module in files:
         weights = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        save_file(weights, str(tmp / file), metadata={"step": str(state["step"])})
+        metadata = {"step": str(state["step"])}
+        if hasattr(module, "class_names"):  # the names travel with the weights
+            metadata["label_names"] = json.dumps(list(module.class_names))
+        save_file(weights, str(tmp / file), metadata=metadata)
     torch.save(state, tmp / STATE_FILE)
     for file in [f for f, _ in files] + [STATE_FILE]:
         fsync_file(tmp / file)
@@ -283,30 +288,47 @@ def latest_checkpoint(run_dir: Union[str, Path]) -> Path:
     return ckpt
 
 
-def load_model_weights(model: torch.nn.Module, path: Union[str, Path], ema: bool = True) -> str:
-    """Load a run folder (its latest checkpoint), a checkpoint folder or a .safetensors/.pth file into
-    ``model``. In a checkpoint with EMA weights, those are loaded unless ``ema=False``. Returns which
-    weights were loaded, in words."""
+def weights_file(path: Union[str, Path], ema: bool = True) -> Tuple[Path, str]:
+    """The weights file of a run folder (its latest checkpoint), a checkpoint folder (its EMA weights where it
+    has them, unless ``ema=False``) or a weights file, and which weights those are, in words."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path} (expected a run folder, a checkpoint folder or a weights file)")
-    if path.is_dir():
-        folder = latest_checkpoint(path) if (path / LATEST).exists() else path
-        use_ema = ema and (folder / EMA_FILE).is_file()
-        path = folder / (EMA_FILE if use_ema else MODEL_FILE)
-        if not path.is_file():
-            raise FileNotFoundError(f"no {MODEL_FILE} in {folder}")
-        what = f"{'EMA' if use_ema else 'raw'} weights of {folder}"
-    else:
-        what = f"weights file {path}"
-    if path.suffix == ".safetensors":
-        try:
-            state = load_file(str(path))
-        except Exception as e:  # truncated or not a safetensors file
-            raise InputError(f"{path} is not a readable .safetensors file ({str(e).splitlines()[0][:120]})") from None
-        _load_matching(model, state, path)
+    if not path.is_dir():
+        return path, f"weights file {path}"
+    folder = latest_checkpoint(path) if (path / LATEST).exists() else path
+    use_ema = ema and (folder / EMA_FILE).is_file()
+    file = folder / (EMA_FILE if use_ema else MODEL_FILE)
+    if not file.is_file():
+        raise FileNotFoundError(f"no {MODEL_FILE} in {folder}")
+    return file, f"{'EMA' if use_ema else 'raw'} weights of {folder}"
+
+
+def saved_class_names(path: Union[str, Path]) -> Optional[List[str]]:
+    """The class names a ``.safetensors`` weights file was saved with (:func:`save_checkpoint`), else None."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            names = (f.metadata() or {}).get("label_names")
+    except Exception as e:  # truncated or not a safetensors file
+        raise InputError(f"{path} is not a readable .safetensors file ({str(e).splitlines()[0][:120]})") from None
+    return json.loads(names) if names is not None else None
+
+
+def load_model_weights(model: torch.nn.Module, path: Union[str, Path], ema: bool = True) -> str:
+    """Load a run folder (its latest checkpoint), a checkpoint folder or a .safetensors/.pth file into
+    ``model``, with the class names saved beside the weights. In a checkpoint with EMA weights, those are
+    loaded unless ``ema=False``. Returns which weights were loaded, in words."""
+    path, what = weights_file(path, ema)
+    if path.suffix != ".safetensors":
+        load_pretrained(model, path)
         return what
-    load_pretrained(model, path)
+    names = saved_class_names(path)
+    _load_matching(model, load_file(str(path)), path)
+    if names is not None:
+        model.class_names = names
     return what
 
 
@@ -357,6 +379,18 @@ def check_setup(cfg: TrainConfig, pretrained: bool = True) -> None:
         load_checkpoint_file(cfg.pretrained)
 
 
+def model_class_args(model_args: Dict[str, Any], classes: Optional[Sequence[str]], source: str) -> Dict[str, Any]:
+    """``model_args`` with ``num_classes`` and ``label_names`` set from ``classes`` (the classes of ``source``,
+    a data set or a checkpoint), so the model is built for them; unchanged without ``classes``. A conflicting
+    ``num_classes`` is refused."""
+    if classes is None:
+        return dict(model_args)
+    if model_args.get("num_classes", len(classes)) != len(classes):
+        raise InputError(f"model_args.num_classes={model_args['num_classes']} does not fit {source}, which has "
+                         f"{len(classes)} classes ({', '.join(classes)})")
+    return dict(model_args, num_classes=len(classes), label_names=tuple(model_args.get("label_names", classes)))
+
+
 class Trainer:
     """Trains a CLARiTy model on ``train_set`` (samples as in :mod:`clarity_fast.data`)."""
 
@@ -371,7 +405,8 @@ class Trainer:
         self.progress = progress and self.rank == 0
         torch.manual_seed(cfg.seed)
         self.model = create_model(cfg.model, pretrained=cfg.pretrained, drop_path_rate=cfg.drop_path,
-                                  **cfg.model_args).to(self.device)
+                                  **model_class_args(cfg.model_args, getattr(train_set, "classes", None),
+                                                    "the training set")).to(self.device)
         self.model.set_grad_checkpointing(cfg.grad_checkpointing)
         self.train_set, self.teacher = train_set, teacher
         self.loss_fn = ClarityLoss(**cfg.loss)

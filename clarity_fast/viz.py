@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .boxes import normalised_upsample
 from .pathologies import CLASS_NAMES
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -37,16 +38,16 @@ def draw_box(draw: ImageDraw.ImageDraw, box: Sequence[float], color, label: Opti
         draw.text((x + 2, max(0, y - 11)), label, fill=color)
 
 
-def overlay(image: torch.Tensor, heatmap: Optional[torch.Tensor] = None, pred_boxes=(), gt_boxes=(),
+def overlay(image: torch.Tensor, loc_map: Optional[torch.Tensor] = None, pred_boxes=(), gt_boxes=(),
             title: Optional[str] = None, alpha: float = 0.45) -> Image.Image:
-    """Image with a min-max normalised heatmap (any resolution, bilinear), predicted boxes (cyan)
-    and ground-truth boxes (green); boxes are (x, y, w, h) in image pixels."""
+    """Image with a map (any resolution; upsampled and normalised exactly as boxes are drawn from it,
+    :func:`clarity_fast.boxes.normalised_upsample`), predicted boxes (cyan) and ground-truth boxes (green);
+    boxes are (x, y, w, h) in image pixels."""
     base = _rgb(image)
-    if heatmap is not None:
-        hm = heatmap.detach().float().cpu()[None, None]
-        hm = torch.nn.functional.interpolate(hm, size=base.size[::-1], mode="bilinear", align_corners=False)[0, 0]
-        hm = (hm - hm.min()) / (hm.max() - hm.min()).clamp_min(1e-12)
-        base = Image.blend(base, Image.fromarray(heat_colors(hm.numpy())), alpha)
+    if loc_map is not None:
+        m = normalised_upsample(loc_map, base.size[::-1])
+        if m is not None:  # a flat map has nothing to show
+            base = Image.blend(base, Image.fromarray(heat_colors(m)), alpha)
     draw = ImageDraw.Draw(base)
     for b in gt_boxes:
         draw_box(draw, b, (60, 220, 60))

@@ -80,7 +80,7 @@ def test_folds_split_by_patient_and_random_baseline(tmp_path):
 def test_missing_maps_named():
     records, maps = _records_and_maps(shift=0)
     del maps["img3"]
-    with pytest.raises(ValueError, match="maps are missing"):
+    with pytest.raises(ValueError, match="localization maps Ξ are missing"):
         localization_report(records, maps, ["A", "B"])
 
 

@@ -97,7 +97,7 @@ def test_masks_loader_and_evaluation_end_to_end(cache, tmp_path):
     assert sum(len(b["labels"]) for b in loader) == len(train)
     model = Clarity(img_size=64, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_map_layers=2,
                     num_oct_layers=2)
-    report = evaluate_model(model, test, CLASS_NAMES, tmp_path, batch_size=4, progress=False)
+    report = evaluate_model(model, test, tmp_path, batch_size=4, progress=False)
     assert report["localization"]["num_boxes"] >= 8
     assert (tmp_path / "report.md").exists() and (tmp_path / "overlays.png").exists()
 

@@ -398,7 +398,7 @@ def test_user_mistakes_are_one_line_with_exit_2(tmp_path, phantoms, capsys):
         (["train", "--config", str(tmp_path)], "is not a file"),
         (["eval", str(truncated)], "is not a readable .safetensors file"),
         (["train", "--set", f"pretrained={notes}", "--set", "device=cpu"], "is not a readable checkpoint file"),
-        (["eval", str(run), "--set", "model_args.num_classes=5"], "does not fit this model"),
+        (["eval", str(run), "--set", "model_args.num_classes=5"], "model_args.num_classes=5 does not fit"),
         (["train", "--set", "model=resnet18"], "must be a CLARiTy model name"),
         (["train", "--set", "model_args.patch_size=0"], "patch_size must be an integer >= 1"),
         (["train", "--set", "batch_size=1.5"], "'batch_size' must be an integer >= 1"),
@@ -426,3 +426,33 @@ def test_internal_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(training, "load_config", bug)
     with pytest.raises(ValueError, match="internal bug"):
         cli.main(["train"])
+
+
+FIVE = ("Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumothorax")
+
+
+def test_class_names_flow_from_data_to_checkpoint_to_predict(tmp_path):
+    """A 5-class phantom run: the model takes the data set's names, the checkpoint keeps them, and a model
+    rebuilt from the config alone gets them back with the weights, up to predict's JSON and overlay."""
+    five = InMemoryDataset(PhantomDataset(24, 64, 8, seed=3, classes=FIVE), progress=False)
+    trainer = Trainer(tiny_cfg(tmp_path, max_steps=1), five, progress=False)
+    assert trainer.model.class_names == FIVE
+    trainer.fit()
+    from clarity_fast import experiment
+    model, cfg, _ = experiment.load_model(tmp_path / "run", device="cpu")
+    assert model.class_names == FIVE and model.pretrained_cfg["label_names"] == FIVE
+    img = tmp_path / "xray.png"
+    Image.fromarray((five[0]["image"][0].numpy() * 255).astype(np.uint8)).save(img)
+    assert cli.main(["predict", str(tmp_path / "run"), str(img), "--output", str(tmp_path / "pred")]) == 0
+    import json
+    result, = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert tuple(result["probabilities"]) == FIVE and set(result["boxes"]) <= set(FIVE)
+    with pytest.raises(ValueError, match="classes .* are not the model's class_names"):
+        from clarity_fast.evaluation import evaluate_model
+        evaluate_model(model, InMemoryDataset(PhantomDataset(4, 64, 8, seed=4), progress=False), progress=False)
+
+
+def test_conflicting_num_classes_is_refused(tmp_path, phantoms):
+    cfg = tiny_cfg(tmp_path, model_args=dict(TINY, num_classes=5))
+    with pytest.raises(ValueError, match="num_classes=5 does not fit the training set, which has 14 classes"):
+        Trainer(cfg, phantoms, progress=False)
