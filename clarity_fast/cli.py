@@ -30,6 +30,9 @@ def _print_summary(report: dict, out_dir: Path, stem: str = "report") -> None:
         rows = [("CLARiTy maps, mean of folds", loc["macro"], loc["mean_iou_accuracy"])]
         rows += [(f"  fold {f} scored", fold["macro"], sum(fold["macro"].values()) / len(fold["macro"]))
                  for f, fold in enumerate(loc["folds"])]
+        prior = report.get("prior_baseline")
+        if prior:
+            rows += [(f"prior-only maps, σ={prior['sigma']:g} (baseline)", prior["macro"], prior["mean_iou_accuracy"])]
         rows += [("random maps (baseline)", rnd["macro"], rnd["mean_iou_accuracy"])]
         for name, macro, mean in rows:
             print(f"  {name:<34}" + "  ".join(f"{v:.3f}" for v in macro.values()) + f"  {mean:.3f}")

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from scipy import ndimage
 from scipy.stats import rankdata
 
 from .boxes import Box, box_from_map, iou, largest_component_box, normalised_upsample
@@ -67,10 +68,11 @@ def patient_folds(records: Sequence[BoxRecord], seed: int = 0) -> np.ndarray:
 
 
 def _iou_table(records: Sequence[BoxRecord], loc_maps: Dict[str, torch.Tensor],
-               candidates: Sequence[float]) -> np.ndarray:
-    """IoU of every record's box with the box drawn at every candidate ξ, ``(n_records, n_candidates)``;
-    each (image, class) map is upsampled and normalised once."""
+               candidates: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
+    """IoU of every record's box with the box drawn at every candidate ξ, and that box's area in pixels (0 for
+    no box), both ``(n_records, n_candidates)``; each (image, class) map is upsampled and normalised once."""
     table = np.zeros((len(records), len(candidates)))
+    areas = np.zeros((len(records), len(candidates)))
     groups: Dict[Tuple, list] = {}
     for i, r in enumerate(records):
         groups.setdefault((r.image_id, r.class_index, tuple(r.image_size)), []).append(i)
@@ -82,7 +84,8 @@ def _iou_table(records: Sequence[BoxRecord], loc_maps: Dict[str, torch.Tensor],
             box = largest_component_box(m >= xi)
             for i in rows:
                 table[i, j] = iou(box, records[i].box)
-    return table
+                areas[i, j] = box[2] * box[3] if box is not None else 0.0
+    return table, areas
 
 
 def xi_criterion(tune_at: Optional[float]) -> str:
@@ -100,15 +103,17 @@ def localization_report(records: Sequence[BoxRecord], loc_maps: Dict[str, torch.
     loc_maps: image id -> ``(C, h, w)`` localization maps Ξ. ``tune_at``: None tunes ξ for the mean
     accuracy over ``thresholds``, a number for the accuracy at that T. Returns a dict with
     ``accuracy[class][T]`` (mean of the two folds), ``folds`` (each fold's accuracy, macro and tuned ξ),
-    ``macro`` (per T, over classes with boxes), ``mean_iou_accuracy`` (over classes and T) and
-    ``xi_criterion``.
+    ``macro`` (per T, over classes with boxes), ``mean_iou_accuracy`` (over classes and T),
+    ``box_area[class]`` (mean area in pixels of the boxes scored, 0 for a flat map, and of the ground truth)
+    and ``xi_criterion``.
     """
     missing = sorted({r.image_id for r in records if r.image_id not in loc_maps})
     if missing:
         raise InputError(f"localization maps Ξ are missing for {len(missing)} box images, e.g. {missing[:3]}")
     if tune_at is not None and not any(abs(tune_at - t) < 1e-9 for t in thresholds):
         raise InputError(f"tune_at must be one of the thresholds {tuple(thresholds)} or None, got {tune_at}")
-    table = _iou_table(records, loc_maps, candidates)  # (n_records, n_candidates)
+    table, areas = _iou_table(records, loc_maps, candidates)  # (n_records, n_candidates) each
+    scored_area = np.zeros(len(records))  # area of the box each record is scored with
     folds = patient_folds(records, seed)
     cls = np.array([r.class_index for r in records])
     T = np.asarray(thresholds)
@@ -127,6 +132,7 @@ def localization_report(records: Sequence[BoxRecord], loc_maps: Dict[str, torch.
             else:
                 best = len(candidates) // 2
             xi[classes[c]] = float(candidates[best])
+            scored_area[test] = areas[test, best]
             acc[classes[c]] = {f"{t:.1f}": float((table[test, best] > t).mean()) for t in T}
         fold_macro = {f"{t:.1f}": float(np.mean([a[f"{t:.1f}"] for a in acc.values()])) for t in T} if acc else {}
         fold_results.append({"accuracy": acc, "xi": xi, "macro": fold_macro,
@@ -137,7 +143,11 @@ def localization_report(records: Sequence[BoxRecord], loc_maps: Dict[str, torch.
         accuracy[name] = {t: float(np.mean([p[t] for p in per_fold])) for t in per_fold[0]}
     macro = {f"{t:.1f}": float(np.mean([a[f"{t:.1f}"] for a in accuracy.values()])) for t in T} if accuracy else {}
     mean_acc = float(np.mean(list(macro.values()))) if macro else float("nan")
+    truth_area = np.array([r.box[2] * r.box[3] for r in records])
+    box_area = {name: {"predicted": float(scored_area[cls == classes.index(name)].mean()),
+                       "truth": float(truth_area[cls == classes.index(name)].mean())} for name in accuracy}
     return {"accuracy": accuracy, "macro": macro, "mean_iou_accuracy": mean_acc, "folds": fold_results,
+            "box_area": box_area,
             "xi_criterion": xi_criterion(tune_at), "num_boxes": len(records),
             "num_images": len({r.image_id for r in records})}
 
@@ -152,6 +162,27 @@ def random_maps(loc_maps: Dict[str, torch.Tensor], seed: int = 0) -> Dict[str, t
     """Uniform random maps of the same shapes: the chance baseline, evaluated the same way."""
     g = torch.Generator().manual_seed(seed)
     return {k: torch.rand(v.shape, generator=g) for k, v in sorted(loc_maps.items())}
+
+
+PRIOR_SIGMAS: Tuple[float, ...] = (0.0, 1.0, 2.0)
+
+
+def prior_maps(priors: Dict[str, torch.Tensor], sigma: float) -> Dict[str, torch.Tensor]:
+    """Each image's anatomical prior of each class ``(C, h, w)`` as a map, Gaussian-blurred by ``sigma`` grid
+    cells (0: the bare mask): the baseline that knows where a finding may be, and nothing about the lesion."""
+    return {k: torch.from_numpy(ndimage.gaussian_filter(v.float().numpy(), sigma=(0, sigma, sigma)))
+            for k, v in sorted(priors.items())}
+
+
+def prior_baseline(records: Sequence[BoxRecord], priors: Dict[str, torch.Tensor], classes: Sequence[str],
+                   seed: int = 0, tune_at: Optional[float] = None, sigmas: Sequence[float] = PRIOR_SIGMAS) -> Dict:
+    """:func:`localization_report` of :func:`prior_maps` at its best blur (highest mean IoU accuracy over the
+    ``sigmas``, chosen on these records: the strongest prior-only baseline), with ``sigma`` and
+    ``mean_by_sigma``."""
+    reports = {s: localization_report(records, prior_maps(priors, s), classes, seed=seed, tune_at=tune_at)
+               for s in sigmas}
+    best = max(sigmas, key=lambda s: reports[s]["mean_iou_accuracy"])
+    return dict(reports[best], sigma=best, mean_by_sigma={f"{s:g}": reports[s]["mean_iou_accuracy"] for s in sigmas})
 
 
 def _fmt(v: float) -> str:
@@ -169,6 +200,30 @@ def _accuracy_table(accuracy: Dict, macro: Dict, xi: Optional[Dict] = None) -> L
     return lines
 
 
+BASELINES = (("localization", "Ξ"), ("prior_baseline", "prior"), ("random_baseline", "random"))
+
+
+def _side_by_side(report: Dict, t: str = "0.3") -> List[str]:
+    """Per class: IoU accuracy at T = ``t`` and the mean over T, of Ξ and of each baseline in the report, and the
+    mean area of the boxes scored from Ξ against the ground truth's."""
+    arms = [(key, name) for key, name in BASELINES if report.get(key)]
+    loc = report["localization"]
+    head = ("| class | " + " | ".join(f"{n} T={t}" for _, n in arms) + " | " + " | ".join(f"{n} mean" for _, n in arms)
+            + " | box area Ξ / truth |")
+    lines = ["## Localization side by side (same protocol, same folds)", "", head,
+             "|---|" + "---|" * (2 * len(arms) + 1)]
+    for c in loc["accuracy"]:
+        at_t = [report[k]["accuracy"].get(c, {}).get(t, float("nan")) for k, _ in arms]
+        means = [float(np.mean(list(report[k]["accuracy"][c].values()))) if c in report[k]["accuracy"]
+                 else float("nan") for k, _ in arms]
+        area = loc["box_area"][c]
+        ratio = area["predicted"] / area["truth"] if area["truth"] > 0 else float("nan")
+        lines.append(f"| {c} | " + " | ".join(_fmt(v) for v in at_t + means) + f" | {_fmt(ratio)} |")
+    lines.append("| **Macro** | " + " | ".join(f"**{_fmt(report[k]['macro'].get(t))}**" for k, _ in arms) + " | "
+                 + " | ".join(f"**{_fmt(report[k]['mean_iou_accuracy'])}**" for k, _ in arms) + " | |")
+    return lines + [""]
+
+
 def markdown_report(report: Dict) -> str:
     """Markdown tables of a report made by :func:`evaluate_model`: classification, then each
     localization report with both patient folds (their accuracy and tuned ξ) and their mean."""
@@ -179,11 +234,18 @@ def markdown_report(report: Dict) -> str:
         lines += [f"| {c} | {_fmt(v)} |" for c, v in cls["auc"].items()]
         n, total = cls.get("macro_auc_classes", len(cls["auc"])), cls.get("num_classes", len(cls["auc"]))
         lines += [f"| **Macro ({n} of {total} classes)** | **{_fmt(cls['macro_auc'])}** |", ""]
+    if report.get("localization"):
+        lines += _side_by_side(report)
     for key, title in (("localization", "Localization (IoU accuracy of boxes from Ξ)"),
+                       ("prior_baseline", "Prior-only baseline (same protocol)"),
                        ("random_baseline", "Random-map baseline (same protocol)")):
         loc = report.get(key)
         if not loc:
             continue
+        if key == "prior_baseline":
+            lines += [f"Each image's anatomical prior of the class as the map, Gaussian blur σ = {loc['sigma']:g} "
+                      f"grid cells: the best mean IoU accuracy of σ in "
+                      + ", ".join(f"{k} ({v:.3f})" for k, v in loc["mean_by_sigma"].items()) + ".", ""]
         lines += [f"## {title}", "", f"ξ(c) tuned on one patient fold for the {loc['xi_criterion']}, "
                   f"scored on the other. Mean of the two folds:", ""]
         lines += _accuracy_table(loc["accuracy"], loc["macro"])
@@ -230,7 +292,8 @@ def check_classes(model: torch.nn.Module, dataset) -> Tuple[str, ...]:
 def run_model(model: torch.nn.Module, dataset, batch_size: int = 32, device: Union[str, torch.device] = "cpu",
               num_workers: int = 0, progress: bool = True) -> Dict:
     """Inference over ``dataset``: ``probs`` and ``labels`` (N, C) arrays, ``ids``, localization maps Ξ
-    ``{id: (C, h, w)}`` and :class:`BoxRecord` s for the images that have boxes, and their images."""
+    ``loc_maps`` and anatomical priors ``priors`` (bool), both ``{id: (C, h, w)}``, :class:`BoxRecord` s and
+    ``images``, for the images that have boxes."""
     from tqdm.auto import tqdm
 
     from .data import collate, normalize
@@ -238,7 +301,7 @@ def run_model(model: torch.nn.Module, dataset, batch_size: int = 32, device: Uni
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          collate_fn=collate)
-    probs, labels, ids, loc_maps, records, images = [], [], [], {}, [], {}
+    probs, labels, ids, loc_maps, priors, records, images = [], [], [], {}, {}, [], {}
     amp = torch.device(device).type == "cuda"
     for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
         x = normalize(batch["image"].to(device), model.in_chans)
@@ -252,12 +315,14 @@ def run_model(model: torch.nn.Module, dataset, batch_size: int = 32, device: Uni
             if len(boxes):
                 key = batch["id"][i]
                 loc_maps[key] = out.loc_map[i].float().cpu()
+                if "masks" in batch:
+                    priors[key] = batch["masks"][i].bool().cpu()
                 images[key] = batch["image"][i]
                 records += [BoxRecord(key, batch["patient"][i], int(b[0]), tuple(b[1:].tolist()), size)
                             for b in boxes]
     model.train(was_training)
     return dict(probs=torch.cat(probs).numpy(), labels=torch.cat(labels).numpy(), ids=ids, loc_maps=loc_maps,
-                records=records, images=images)
+                priors=priors, records=records, images=images)
 
 
 def evaluate_model(model: torch.nn.Module, dataset, out_dir: Union[str, Path, None] = None,
@@ -277,6 +342,9 @@ def evaluate_model(model: torch.nn.Module, dataset, out_dir: Union[str, Path, No
                                                      tune_at=tune_at)
         report["random_baseline"] = localization_report(res["records"], random_maps(res["loc_maps"], seed), classes,
                                                         seed=seed, tune_at=tune_at)
+        if any(p.any() for p in res["priors"].values()):  # a data set with anatomical priors
+            report["prior_baseline"] = prior_baseline(res["records"], res["priors"], classes, seed=seed,
+                                                      tune_at=tune_at)
     if out_dir is not None:
         write_report(report, out_dir, stem)
         records = res["records"][:num_overlays]

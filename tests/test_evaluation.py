@@ -139,3 +139,37 @@ def test_nan_auc_is_null_in_json_and_the_macro_row_counts_its_classes(tmp_path):
     assert data["classification"]["auc"]["c"] is None
     text = md_path.read_text()
     assert "| c | n/a |" in text and "Macro (2 of 3 classes)" in text
+
+
+def test_box_area_of_the_scored_boxes():
+    records, maps = _records_and_maps(shift=10)  # every map's box is 20 x 20, like the truth
+    rep = localization_report(records, maps, ["A", "B"])
+    assert rep["box_area"] == {"A": {"predicted": 400.0, "truth": 400.0}, "B": {"predicted": 400.0, "truth": 400.0}}
+    records, maps = _records_and_maps(shift=0)
+    for m in maps.values():
+        m.zero_()  # flat maps draw no box: area 0
+    assert localization_report(records, maps, ["A", "B"])["box_area"]["A"]["predicted"] == 0.0
+
+
+def test_prior_baseline_known_truth():
+    """Priors on an 8 x 8 grid of 8-px cells. Cell-aligned priors equal to the boxes: the unblurred prior draws
+    each box exactly at ξ = 0.5 (bilinear upsampling crosses 0.5 on the cell edges) and nearly at the other ξ, so
+    σ = 0 wins, with accuracy 1 up to T = 0.5.
+    Priors covering the whole image are flat maps: no box, accuracy 0 at every σ."""
+    from clarity_fast.evaluation import prior_baseline, prior_maps
+    records, priors, whole = [], {}, {}
+    for i in range(10):
+        cx, cy = i % 4, i % 3
+        records.append(BoxRecord(f"img{i}", f"p{i}", i % 2, (8.0 * cx, 8.0 * cy, 24.0, 16.0), (64, 64)))
+        p = torch.zeros(2, 8, 8, dtype=torch.bool)
+        p[i % 2, cy:cy + 2, cx:cx + 3] = True
+        priors[f"img{i}"] = p
+        whole[f"img{i}"] = torch.ones(2, 8, 8, dtype=torch.bool)
+    rep = prior_baseline(records, priors, ["A", "B"])
+    assert rep["sigma"] == 0 and rep["mean_iou_accuracy"] > 0.95
+    assert all(rep["macro"][t] == 1.0 for t in ("0.1", "0.2", "0.3", "0.4", "0.5"))
+    assert rep["box_area"]["A"]["truth"] == 384.0 and rep["box_area"]["A"]["predicted"] == pytest.approx(384, rel=0.3)
+    assert rep["mean_by_sigma"]["2"] < 1.0
+    assert prior_baseline(records, whole, ["A", "B"])["mean_iou_accuracy"] == 0.0
+    blurred = prior_maps(priors, 1.0)["img0"]
+    assert blurred.shape == (2, 8, 8) and blurred[1].abs().max() == 0 and 0 < blurred[0].max() < 1
