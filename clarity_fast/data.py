@@ -74,12 +74,12 @@ class InMemoryDataset(torch.utils.data.Dataset):
     """Samples of another data set computed once and kept in memory (images as uint8)."""
 
     def __init__(self, dataset, progress: bool = True, desc: str = "preparing", workers: Optional[int] = None) -> None:
-        from tqdm.auto import tqdm
+        from .progress import progress as progress_bar
         self.classes = getattr(dataset, "classes", None)
         self.samples: List[Dict] = []
         workers = min(8, (os.cpu_count() or 1) // 2) if workers is None else workers  # 1 (serial) on 2 cores
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers if workers > 1 else 0)
-        for s in tqdm(loader, desc=desc, disable=not progress, leave=False, total=len(dataset)):
+        for s in progress_bar(loader, desc=desc, enabled=progress, leave=False, total=len(dataset)):
             s = dict(s)
             s["image"] = (s["image"] * 255).round().to(torch.uint8)
             s["dist"] = s["dist"].half()

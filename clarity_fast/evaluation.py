@@ -22,6 +22,7 @@ from scipy.stats import rankdata
 from .boxes import Box, box_from_map, iou, largest_component_box, normalised_upsample
 from .errors import InputError
 from .files import write_text_atomic
+from .progress import progress as progress_bar
 
 IOU_THRESHOLDS: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 XI_CANDIDATES: Tuple[float, ...] = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2))
@@ -294,8 +295,6 @@ def run_model(model: torch.nn.Module, dataset, batch_size: int = 32, device: Uni
     """Inference over ``dataset``: ``probs`` and ``labels`` (N, C) arrays, ``ids``, localization maps Ξ
     ``loc_maps`` and anatomical priors ``priors`` (bool), both ``{id: (C, h, w)}``, :class:`BoxRecord` s and
     ``images``, for the images that have boxes."""
-    from tqdm.auto import tqdm
-
     from .data import collate, normalize
     was_training = model.training
     model.eval()
@@ -303,7 +302,7 @@ def run_model(model: torch.nn.Module, dataset, batch_size: int = 32, device: Uni
                                          collate_fn=collate)
     probs, labels, ids, loc_maps, priors, records, images = [], [], [], {}, {}, [], {}
     amp = torch.device(device).type == "cuda"
-    for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
+    for batch in progress_bar(loader, desc="evaluating", enabled=progress, leave=False):
         x = normalize(batch["image"].to(device), model.in_chans)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             out = model.forward_outputs(x)

@@ -21,6 +21,7 @@ import torch
 from .clarity import Clarity
 from .errors import InputError
 from .files import write_atomic
+from .progress import progress as progress_bar
 from .training import TrainConfig
 
 PathLike = Union[str, Path]
@@ -171,7 +172,6 @@ def teacher_logits(cfg: TrainConfig, model_name: str, output: PathLike, checkpoi
                    batch_size: int = 32, progress: bool = True) -> int:
     """Store a timm teacher's logits on ``cfg``'s training images for distillation (L_KD); returns the count."""
     import timm
-    from tqdm.auto import tqdm
 
     from .data import collate, normalize
     from .pathologies import CLASS_NAMES
@@ -185,7 +185,7 @@ def teacher_logits(cfg: TrainConfig, model_name: str, output: PathLike, checkpoi
     in_chans = teacher.pretrained_cfg.get("input_size", (3,))[0] if hasattr(teacher, "pretrained_cfg") else 3
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, collate_fn=collate)
     ids, logits = [], []
-    for batch in tqdm(loader, desc="teacher logits", disable=not progress):
+    for batch in progress_bar(loader, desc="teacher logits", enabled=progress):
         logits.append(teacher(normalize(batch["image"].to(device), in_chans)).float().cpu())
         ids += batch["id"]
     Path(output).parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ from .data import augment, collate, normalize
 from .errors import InputError
 from .files import fsync_dir, fsync_file, write_text_atomic
 from .losses import ClarityLoss
+from .progress import progress
 from .weights import create_model, load_pretrained
 
 
@@ -547,7 +548,6 @@ class Trainer:
     # ------------------------------------------------------------------ train
     def fit(self) -> Dict[str, float]:
         """Train until ``epochs`` (or ``max_steps`` micro-batches); returns the last logged terms."""
-        from tqdm.auto import tqdm
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
@@ -557,7 +557,7 @@ class Trainer:
         total = cfg.epochs * self.batches_per_epoch
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
-        bar = tqdm(total=total, initial=self.batch_index, desc="training", disable=not self.progress, unit="batch")
+        bar = progress(total=total, initial=self.batch_index, desc="training", enabled=self.progress, unit="batch")
         amp = cfg.amp and self.device.type == "cuda"
         last: Dict[str, float] = {}
         t0, seen = time.perf_counter(), 0
