@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -78,9 +79,15 @@ def cmd_eval(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from .predict import predict_files
+    from .predict import phantom_warning, predict_files
     model, _ = _load_model(args)
-    for r in predict_files(model, args.images, args.output, threshold=args.threshold):
+    if phantom_warning(model):
+        print(f"clarity-fast predict: warning: {phantom_warning(model)}", file=sys.stderr)
+    with warnings.catch_warnings():  # said once above, in the command's own words
+        warnings.simplefilter("ignore")
+        results = predict_files(model, args.images, args.output, threshold=args.threshold, classes=args.classes,
+                                top_k=args.top_k)
+    for r in results:
         top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[:3]
         print(f"{r['image']}: " + ", ".join(f"{k} {v:.2f}" for k, v in top) + f" -> {r['overlay']}")
 
@@ -151,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (default: the run folder's config.yaml)")
     p.add_argument("--set", **sets)
     p.add_argument("--threshold", type=float, default=0.5, help="ξ for the box of each finding")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--classes", nargs="+", metavar="NAME", help="draw these classes (the model's names)")
+    which.add_argument("--top-k", type=int, metavar="K", help="draw the K most likely classes "
+                       "(default: every finding with p >= 0.5, else the most likely)")
     p.add_argument("--raw-weights", **weights)
     p.add_argument("--device", **device)
     p.set_defaults(func=cmd_predict)

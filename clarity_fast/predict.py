@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .data import normalize
 from .errors import InputError
@@ -20,11 +20,39 @@ from .viz import overlay, tile
 def load_image(path: Union[str, Path], size: int) -> torch.Tensor:
     """An image file -> ``(1, size, size)`` float in [0, 1], decoded and resized exactly as ``prepare``
     caches training images (:mod:`clarity_fast.images`)."""
+    return torch.tensor(resize_square(_decode(path), size), dtype=torch.float32).div(255)[None]
+
+
+def _decode(path: Union[str, Path]) -> np.ndarray:
     try:
-        a = resize_square(decode_xray(path), size)
+        return decode_xray(path)
     except ValueError as e:
         raise InputError(f"cannot read image {path}: {e}") from None
-    return torch.tensor(a, dtype=torch.float32).div(255)[None]
+
+
+def phantom_warning(model) -> Optional[str]:
+    """A warning for weights trained only on the built-in phantoms (their checkpoint says so), else None."""
+    if getattr(model, "pretrained_cfg", {}).get("training_data") == "phantom":
+        return ("these weights were trained only on phantom images (clarity_fast.phantom): their predictions "
+                "on real radiographs mean nothing")
+    return None
+
+
+def _panel_classes(probs: Sequence[float], class_names: Sequence[str], classes: Optional[Sequence[str]],
+                   top_k: Optional[int]) -> List[int]:
+    """Which classes get a panel: those asked for, else the ``top_k`` most likely, else every finding with
+    p >= 0.5 (the most likely one when there is none)."""
+    if classes:
+        unknown = [c for c in classes if c not in class_names]
+        if unknown:
+            raise InputError(f"classes {unknown} are not among the model's class_names {list(class_names)}")
+        return [list(class_names).index(c) for c in classes]
+    order = [int(i) for i in np.argsort(probs)[::-1]]
+    if top_k is not None:
+        if not isinstance(top_k, int) or top_k < 1:
+            raise InputError(f"top_k must be an integer >= 1, got {top_k!r}")
+        return order[:top_k]
+    return [c for c in order if probs[c] >= 0.5] or order[:1]
 
 
 def overlay_names(paths: Sequence[Union[str, Path]]) -> List[str]:
@@ -50,38 +78,45 @@ def _check_outputs(paths: Sequence[Union[str, Path]], out_dir: Path, names: Sequ
 
 
 @torch.no_grad()
-def predict_files(model, paths: Sequence[Union[str, Path]], out_dir: Union[str, Path],
-                  threshold: float = 0.5) -> List[Dict]:
-    """Run ``model`` on each file; write one overlay per input (one panel per finding with p >= 0.5,
-    else the most likely class; distinct names for inputs that share a stem) and ``predictions.json``
+def predict_files(model, paths: Sequence[Union[str, Path]], out_dir: Union[str, Path], threshold: float = 0.5,
+                  classes: Optional[Sequence[str]] = None, top_k: Optional[int] = None) -> List[Dict]:
+    """Run ``model`` on each file; write one overlay per input, at the input's resolution, with one panel per
+    class of ``classes``, or of the ``top_k`` most likely, or (default) of each finding with p >= 0.5 (else
+    the most likely class); distinct names for inputs that share a stem; and ``predictions.json``
     (atomically). Classes are named by ``model.class_names``; boxes are (x, y, w, h) in input-file pixels,
-    drawn from Ξ by :func:`clarity_fast.boxes.box_from_map`. Never writes over an input file."""
+    drawn from Ξ by :func:`clarity_fast.boxes.box_from_map` at ``threshold``. Never writes over an input file.
+    Weights trained only on phantoms are warned about (``warnings`` and each result's ``warning``)."""
     out_dir = Path(out_dir)
     names = overlay_names(paths)
     _check_outputs(paths, out_dir, names)
+    warning = phantom_warning(model)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     out_dir.mkdir(parents=True, exist_ok=True)
-    size, classes = model.patch_embed.img_size[0], model.class_names
+    size, class_names = model.patch_embed.img_size[0], model.class_names
     device = next(model.parameters()).device
     model.eval()
     results = []
     for path, name in zip(paths, names):
-        img = load_image(path, size)
-        with Image.open(path) as im:
-            W, H = im.size
+        full = _decode(path)  # (H, W) uint8, the input's own resolution
+        H, W = full.shape
+        img = torch.tensor(resize_square(full, size), dtype=torch.float32).div(255)[None]
         out = model.forward_outputs(normalize(img[None].to(device), model.in_chans))
         probs = out.logits[0].float().sigmoid().tolist()
-        findings = [c for c, p in enumerate(probs) if p >= 0.5] or [int(np.argmax(probs))]
         boxes, panels = {}, []
-        for c in findings:
+        picture_full = torch.from_numpy(full).float().div(255)
+        for c in _panel_classes(probs, class_names, classes, top_k):
             loc_map = out.loc_map[0, c].float().cpu()
-            box = box_from_map(loc_map, (size, size), threshold)
+            box = box_from_map(loc_map, (H, W), threshold)  # drawn at the input's size: input-file pixels
             if box is not None:
-                sx, sy = W / size, H / size
-                boxes[classes[c]] = [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
-            panels.append(overlay(img, loc_map, [box] if box else [], title=f"{classes[c]} {probs[c]:.2f}"))
+                boxes[class_names[c]] = list(box)
+            panels.append(overlay(picture_full, loc_map, [box] if box else [],
+                                  title=f"{class_names[c]} {probs[c]:.2f}"))
         picture = out_dir / name
         tile(panels, min(4, len(panels))).save(picture)
-        results.append(dict(image=str(path), probabilities=dict(zip(classes, probs)), boxes=boxes,
-                            overlay=str(picture)))
+        result = dict(image=str(path), probabilities=dict(zip(class_names, probs)), boxes=boxes, overlay=str(picture))
+        if warning:
+            result["warning"] = warning
+        results.append(result)
     write_text_atomic(out_dir / "predictions.json", json.dumps(results, indent=2))
     return results

@@ -240,10 +240,11 @@ def checkpoint_steps(run_dir: Union[str, Path]) -> Dict[int, Path]:
 
 
 def save_checkpoint(run_dir: Union[str, Path], model: torch.nn.Module, state: Dict, keep: int = 2,
-                    ema: Optional[torch.nn.Module] = None) -> Path:
+                    ema: Optional[torch.nn.Module] = None, training_data: Optional[str] = None) -> Path:
     """Write ``ckpt-<step>/`` (model.safetensors, ema.safetensors with EMA, trainer_state.pt) completely and
     fsync it, then point ``latest`` at it with an atomic rename: a write killed midway leaves the previous
-    one loadable. Older checkpoints are removed by step number, keeping the ``keep`` newest."""
+    one loadable. Older checkpoints are removed by step number, keeping the ``keep`` newest. The weights files
+    carry the model's class names and ``training_data`` (the data set's name) in their metadata."""
     run_dir = Path(run_dir)
     name = f"ckpt-{state['step']:08d}"
     tmp = run_dir / f".{name}.partial"
@@ -255,6 +256,8 @@ def save_checkpoint(run_dir: Union[str, Path], model: torch.nn.Module, state: Di
         metadata = {"step": str(state["step"])}
         if hasattr(module, "class_names"):  # the names travel with the weights
             metadata["label_names"] = json.dumps(list(module.class_names))
+        if training_data is not None:
+            metadata["training_data"] = training_data
         save_file(weights, str(tmp / file), metadata=metadata)
     torch.save(state, tmp / STATE_FILE)
     for file in [f for f, _ in files] + [STATE_FILE]:
@@ -305,16 +308,22 @@ def weights_file(path: Union[str, Path], ema: bool = True) -> Tuple[Path, str]:
     return file, f"{'EMA' if use_ema else 'raw'} weights of {folder}"
 
 
-def saved_class_names(path: Union[str, Path]) -> Optional[List[str]]:
-    """The class names a ``.safetensors`` weights file was saved with (:func:`save_checkpoint`), else None."""
+def saved_metadata(path: Union[str, Path]) -> Dict[str, str]:
+    """The metadata a ``.safetensors`` weights file was saved with (``label_names`` as JSON, ``training_data``:
+    see :func:`save_checkpoint`); empty for other files."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        return None
+        return {}
     try:
         with safe_open(str(path), "pt") as f:
-            names = (f.metadata() or {}).get("label_names")
+            return dict(f.metadata() or {})
     except Exception as e:  # truncated or not a safetensors file
         raise InputError(f"{path} is not a readable .safetensors file ({str(e).splitlines()[0][:120]})") from None
+
+
+def saved_class_names(path: Union[str, Path]) -> Optional[List[str]]:
+    """The class names a weights file was saved with (:func:`save_checkpoint`), else None."""
+    names = saved_metadata(path).get("label_names")
     return json.loads(names) if names is not None else None
 
 
@@ -326,10 +335,12 @@ def load_model_weights(model: torch.nn.Module, path: Union[str, Path], ema: bool
     if path.suffix != ".safetensors":
         load_pretrained(model, path)
         return what
-    names = saved_class_names(path)
+    metadata = saved_metadata(path)
     _load_matching(model, load_file(str(path)), path)
-    if names is not None:
-        model.class_names = names
+    if "label_names" in metadata:
+        model.class_names = json.loads(metadata["label_names"])
+    if "training_data" in metadata and isinstance(getattr(model, "pretrained_cfg", None), dict):
+        model.pretrained_cfg["training_data"] = metadata["training_data"]
     return what
 
 
@@ -467,7 +478,7 @@ class Trainer:
                                    f"{self.batch_index}; no checkpoint written (the last good one stays in "
                                    f"{self.run_dir}). Lower lr (now {self.cfg.lr:g}) or set grad_clip")
         return save_checkpoint(self.run_dir, self.model, self.state(),
-                               ema=self.ema.module if self.ema is not None else None)
+                               ema=self.ema.module if self.ema is not None else None, training_data=self.cfg.dataset)
 
     def _sync_buffers(self) -> None:
         if self.world > 1:

@@ -456,3 +456,22 @@ def test_conflicting_num_classes_is_refused(tmp_path, phantoms):
     cfg = tiny_cfg(tmp_path, model_args=dict(TINY, num_classes=5))
     with pytest.raises(ValueError, match="num_classes=5 does not fit the training set, which has 14 classes"):
         Trainer(cfg, phantoms, progress=False)
+
+
+def test_predict_classes_top_k_input_resolution_and_phantom_warning(tmp_path, phantoms, capsys):
+    Trainer(tiny_cfg(tmp_path, max_steps=1), phantoms, progress=False).fit()
+    img = tmp_path / "wide.png"
+    Image.fromarray((phantoms[1]["image"][0].numpy() * 255).astype(np.uint8)).resize((300, 200)).save(img)
+    run, out = str(tmp_path / "run"), tmp_path / "pred"
+    assert cli.main(["predict", run, str(img), "--output", str(out), "--classes", "Mass", "Effusion"]) == 0
+    assert "trained only on phantom images" in capsys.readouterr().err
+    import json
+    result, = json.loads((out / "predictions.json").read_text())
+    assert "phantom" in result["warning"] and set(result["boxes"]) <= {"Mass", "Effusion"}
+    assert Image.open(out / "wide.png").size == (2 * 300, 200)  # one panel per class asked for, at input size
+    for x, y, w, h in result["boxes"].values():
+        assert 0 <= x and x + w <= 300 and 0 <= y and y + h <= 200
+    assert cli.main(["predict", run, str(img), "--output", str(out), "--top-k", "6"]) == 0
+    assert Image.open(out / "wide.png").size == (4 * 300, 2 * 200)
+    assert cli.main(["predict", run, str(img), "--output", str(out), "--classes", "Flu"]) == 2
+    assert "['Flu'] are not among the model's class_names" in capsys.readouterr().err
