@@ -26,8 +26,9 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "setuptools>=70", "wheel", "scikit-learn"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "setuptools>=70", "wheel", "scikit-learn", "grad-cam>=1.5"],
         "bench": ["pytest-benchmark>=4"],
+        "gradcam": ["grad-cam>=1.5"],
     },
     entry_points={"console_scripts": ["clarity-fast=clarity_fast.cli:main"]},
 )

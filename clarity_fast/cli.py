@@ -92,6 +92,18 @@ def cmd_predict(args) -> None:
         print(f"{r['image']}: " + ", ".join(f"{k} {v:.2f}" for k, v in top) + f" -> {r['overlay']}")
 
 
+def cmd_ablate(args) -> None:
+    from .ablation import run_ablation
+    cfg = experiment.demo_config(cpu=args.cpu, overrides=args.set)
+    print(f"clarity-fast ablate: {len(args.arms or [])  or 'all'} arms of {cfg.model} {cfg.model_args} on "
+          f"{cfg.num_train} phantom images, {cfg.epochs} epochs each ({'CPU' if cfg.device == 'cpu' else 'CUDA'}) "
+          f"-> {args.output}")
+    summary = run_ablation(cfg, args.output, arms=args.arms, overwrite=args.overwrite)
+    for name, row in summary["rows"].items():
+        print(f"  {name:<36} mean IoU accuracy {row['mean']:.3f}   T=0.3 {row['macro'].get('0.3', float('nan')):.3f}")
+    print(f"table: {Path(args.output) / 'ablation.md'}, plot: {Path(args.output) / 'ablation.png'}")
+
+
 def cmd_prepare(args) -> None:
     from .nih import prepare
     args.interrupt_hint = f"; the cache at {args.cache_dir} is kept: run the same command again to resume"
@@ -165,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-weights", **weights)
     p.add_argument("--device", **device)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("ablate", help="train and evaluate CLARiTy and its ablations side by side on phantoms")
+    p.add_argument("--set", **sets)
+    p.add_argument("--arms", nargs="+", metavar="ARM", help="arms to run (default: all; see clarity_fast.ablation)")
+    p.add_argument("--output", default="runs/ablation", help="folder of the arms and the table (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="retrain arms whose folders hold an earlier run")
+    p.add_argument("--cpu", action="store_true", help="use the CPU preset even when CUDA is available")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("phantom", help="a PNG contact sheet of the built-in phantom data set")
     p.add_argument("--output", default="phantom_contact_sheet.png")

@@ -106,11 +106,11 @@ def init_distributed() -> None:
 
 
 def train_and_evaluate(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
-                       progress: bool = True) -> Dict:
+                       progress: bool = True, model: Optional[torch.nn.Module] = None) -> Dict:
     """Train ``cfg`` (``resume``: from its run folder's latest checkpoint; ``overwrite``: start over in a folder
     holding another run), then evaluate the EMA (or raw) weights on the held-out set and, for NIH, the
     validation split. Writes ``<output_dir>/eval/report.{json,md}`` and overlays; returns the report (empty on
-    ranks other than 0)."""
+    ranks other than 0). ``model``: train this module instead of the one ``cfg`` names (see :class:`Trainer`)."""
     from .evaluation import classification_report, evaluate_model, run_model, write_report
     from .training import Trainer, check_setup
     if resume and overwrite:
@@ -118,7 +118,7 @@ def train_and_evaluate(cfg: TrainConfig, resume: bool = False, overwrite: bool =
     check_setup(cfg)  # fail before minutes of data preparation
     train_set, test_set = build_datasets(cfg, progress)
     trainer = Trainer(cfg, train_set, teacher=load_teacher_logits(cfg.teacher_logits), progress=progress,
-                      overwrite=overwrite)
+                      overwrite=overwrite, model=model)
     if resume:
         trainer.resume()
     t0 = time.perf_counter()

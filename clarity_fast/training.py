@@ -404,10 +404,12 @@ def model_class_args(model_args: Dict[str, Any], classes: Optional[Sequence[str]
 
 
 class Trainer:
-    """Trains a CLARiTy model on ``train_set`` (samples as in :mod:`clarity_fast.data`)."""
+    """Trains a CLARiTy model on ``train_set`` (samples as in :mod:`clarity_fast.data`): the one ``cfg``
+    describes, or ``model`` (any module with CLARiTy's ``forward_outputs``, e.g. the Grad-CAM baseline of
+    :mod:`clarity_fast.gradcam_baseline`) under the same budget."""
 
     def __init__(self, cfg: TrainConfig, train_set, teacher: Optional[Dict[str, torch.Tensor]] = None,
-                 progress: bool = True, overwrite: bool = False) -> None:
+                 progress: bool = True, overwrite: bool = False, model: Optional[torch.nn.Module] = None) -> None:
         self.cfg = cfg.validate()
         self.run_dir = Path(cfg.output_dir)
         check_setup(cfg, pretrained=False)  # create_model below reads the pretrained file
@@ -416,9 +418,11 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.progress = progress and self.rank == 0
         torch.manual_seed(cfg.seed)
-        self.model = create_model(cfg.model, pretrained=cfg.pretrained, drop_path_rate=cfg.drop_path,
-                                  **model_class_args(cfg.model_args, getattr(train_set, "classes", None),
-                                                    "the training set")).to(self.device)
+        if model is None:
+            model = create_model(cfg.model, pretrained=cfg.pretrained, drop_path_rate=cfg.drop_path,
+                                 **model_class_args(cfg.model_args, getattr(train_set, "classes", None),
+                                                    "the training set"))
+        self.model = model.to(self.device)
         self.model.set_grad_checkpointing(cfg.grad_checkpointing)
         self.train_set, self.teacher = train_set, teacher
         self.loss_fn = ClarityLoss(**cfg.loss)

@@ -95,3 +95,97 @@ def contact_sheet(dataset, path: Union[str, Path], count: int = 16, columns: int
     path.parent.mkdir(parents=True, exist_ok=True)
     tile(pictures, columns).save(path)
     return path
+
+
+def _dashed_line(draw: ImageDraw.ImageDraw, points, color, width: int = 2, dash: int = 8) -> None:
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        length = max(1.0, ((x1 - x0) ** 2 + (y1 - y0) ** 2) ** 0.5)
+        for s in np.arange(0, length, 2 * dash):
+            e = min(length, s + dash)
+            draw.line([(x0 + (x1 - x0) * s / length, y0 + (y1 - y0) * s / length),
+                       (x0 + (x1 - x0) * e / length, y0 + (y1 - y0) * e / length)], fill=color, width=width)
+
+
+def line_plot(series: Sequence[dict], path: Union[str, Path], title: str, xlabel: str, ylabel: str,
+              ylim: Optional[Sequence[float]] = None, size: Sequence[int] = (900, 560)) -> Path:
+    """A PNG line chart. ``series``: dicts with ``name``, ``x``, ``y`` and optionally ``dashed`` (baselines)
+    and ``color``; the legend lists them in order."""
+    W, H = size
+    left, right, top, bottom = 70, 260, 40, 60
+    xs = [x for s in series for x in s["x"]]
+    ys = [y for s in series for y in s["y"] if y == y]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = ylim if ylim is not None else (min(0.0, min(ys)), max(ys) * 1.05 or 1.0)
+    im = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(im)
+
+    def to_px(x: float, y: float):
+        return (left + (x - x0) / ((x1 - x0) or 1) * (W - left - right),
+                H - bottom - (y - y0) / ((y1 - y0) or 1) * (H - top - bottom))
+
+    for k in range(6):  # horizontal grid and y ticks
+        y = y0 + (y1 - y0) * k / 5
+        px = to_px(x0, y)
+        draw.line([(left, px[1]), (W - right, px[1])], fill=(225, 225, 225))
+        draw.text((left - 45, px[1] - 6), f"{y:.2f}", fill=(60, 60, 60))
+    for x in sorted(set(xs)):
+        px = to_px(x, y0)
+        draw.line([(px[0], H - bottom), (px[0], H - bottom + 5)], fill=(60, 60, 60))
+        draw.text((px[0] - 10, H - bottom + 8), f"{x:g}", fill=(60, 60, 60))
+    draw.rectangle([left, top, W - right, H - bottom], outline=(60, 60, 60))
+    draw.text((left, 12), title, fill=(0, 0, 0))
+    draw.text(((left + W - right) // 2 - 20, H - 25), xlabel, fill=(0, 0, 0))
+    draw.text((8, top - 20), ylabel, fill=(0, 0, 0))
+    for i, s in enumerate(series):
+        color = tuple(s.get("color", PALETTE[i % len(PALETTE)]))
+        points = [to_px(x, y) for x, y in zip(s["x"], s["y"]) if y == y]
+        if len(points) > 1:
+            (_dashed_line if s.get("dashed") else lambda d, p, c: d.line(p, fill=c, width=2))(draw, points, color)
+        for px in points:
+            draw.ellipse([px[0] - 3, px[1] - 3, px[0] + 3, px[1] + 3], fill=color)
+        ly = top + 8 + 18 * i
+        if s.get("dashed"):
+            _dashed_line(draw, [(W - right + 12, ly + 6), (W - right + 40, ly + 6)], color, dash=5)
+        else:
+            draw.line([(W - right + 12, ly + 6), (W - right + 40, ly + 6)], fill=color, width=2)
+        draw.text((W - right + 46, ly), s["name"], fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+    return path
+
+
+def bar_chart(groups: Sequence[str], series: Sequence[dict], path: Union[str, Path], title: str, ylabel: str,
+              size: Sequence[int] = (1000, 520)) -> Path:
+    """A PNG grouped bar chart: one group per entry of ``groups``, one bar per series (``name``, ``values``)."""
+    W, H = size
+    left, right, top, bottom = 60, 20, 60, 120
+    vmax = max([v for s in series for v in s["values"] if v == v] + [1e-9])
+    im = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(im)
+    draw.text((left, 12), title, fill=(0, 0, 0))
+    draw.text((8, top - 18), ylabel, fill=(0, 0, 0))
+    for k in range(6):
+        y = H - bottom - (H - top - bottom) * k / 5
+        draw.line([(left, y), (W - right, y)], fill=(225, 225, 225))
+        draw.text((left - 40, y - 6), f"{vmax * k / 5:.2f}", fill=(60, 60, 60))
+    gw = (W - left - right) / max(1, len(groups))
+    bw = gw * 0.8 / max(1, len(series))
+    for g, name in enumerate(groups):
+        gx = left + g * gw + gw * 0.1
+        for i, s in enumerate(series):
+            v = s["values"][g]
+            if v == v:
+                y = H - bottom - (H - top - bottom) * v / vmax
+                draw.rectangle([gx + i * bw, y, gx + (i + 1) * bw - 1, H - bottom], fill=PALETTE[i % len(PALETTE)])
+        label = Image.new("RGB", (110, 14), (255, 255, 255))
+        ImageDraw.Draw(label).text((0, 0), name[:18], fill=(0, 0, 0))
+        im.paste(label.rotate(60, expand=True, fillcolor=(255, 255, 255)), (int(gx), H - bottom + 4))
+    for i, s in enumerate(series):
+        x = left + 10 + 170 * i
+        draw.rectangle([x, 34, x + 12, 46], fill=PALETTE[i % len(PALETTE)])
+        draw.text((x + 16, 34), s["name"], fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+    return path
