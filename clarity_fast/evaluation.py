@@ -357,4 +357,28 @@ def evaluate_model(model: torch.nn.Module, dataset, out_dir: Union[str, Path, No
         if pictures:
             tile(pictures, min(4, len(pictures))).save(Path(out_dir) / ("overlays.png" if stem == "report"
                                                                         else f"{stem}_overlays.png"))
+        if "localization" in report:
+            write_plots(report, out_dir, stem)
     return report
+
+
+def write_plots(report: Dict, out_dir: Union[str, Path], stem: str = "report") -> List[Path]:
+    """``<stem>_iou.png``: macro IoU accuracy against T for Ξ (written Xi: PIL's default font has no Ξ) and each
+    baseline (dashed); ``<stem>_classes.png``: per-class IoU accuracy at T = 0.3 (Ξ beside the baselines) and
+    classification AUC."""
+    from .viz import bar_chart, line_plot
+    arms = [(key, name) for key, name in (("localization", "CLARiTy maps Xi"), ("prior_baseline", "prior-only maps"),
+                                          ("random_baseline", "random maps")) if report.get(key)]
+    series = [dict(name=name, x=[float(t) for t in report[key]["macro"]], y=list(report[key]["macro"].values()),
+                   dashed=key != "localization") for key, name in arms]
+    out_dir = Path(out_dir)
+    iou_png = line_plot(series, out_dir / f"{stem}_iou.png", "IoU accuracy against T (macro over classes)",
+                        "IoU threshold T", "IoU accuracy", ylim=(0.0, 1.0))
+    classes = list(report["localization"]["accuracy"])
+    bars = [dict(name=f"{name} T=0.3", values=[report[key]["accuracy"].get(c, {}).get("0.3", float("nan"))
+                                                for c in classes]) for key, name in arms]
+    auc = report["classification"]["auc"]
+    bars.append(dict(name="classification AUC", values=[auc.get(c, float("nan")) for c in classes]))
+    classes_png = bar_chart(classes, bars, out_dir / f"{stem}_classes.png",
+                            "Per class: IoU accuracy at T = 0.3 (Xi and baselines) and classification AUC", "")
+    return [iou_png, classes_png]

@@ -607,6 +607,8 @@ class Trainer:
         finally:  # an error then starts on its own line, not glued to the bar
             bar.close()
             log.close()
+        if self.rank == 0:
+            plot_log(self.run_dir)
         self._sync_buffers()
         self.loss_fn.check()  # inputs seen since the loss's last periodic check
         return last
@@ -651,6 +653,23 @@ class Trainer:
     def eval_model(self) -> torch.nn.Module:
         """The model to evaluate: the EMA weights when EMA is on."""
         return self.ema.module if self.ema is not None else self.model
+
+
+def plot_log(run_dir: Union[str, Path]) -> Optional[Path]:
+    """``<run_dir>/training.png`` from ``log.csv``: the total loss and each weighted-in term against the step."""
+    from .viz import line_plot
+    path = Path(run_dir) / "log.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if len(rows) < 2:
+        return None
+    steps = [float(r["step"]) for r in rows]
+    terms = [k for k in ("total", "cls", "kd", "oct", "prx", "cnf", "ac", "bas")
+             if k in rows[0] and any(float(r[k]) != 0 for r in rows)]
+    series = [dict(name=k, x=steps, y=[float(r[k]) for r in rows]) for k in terms]
+    return line_plot(series, Path(run_dir) / "training.png", "training losses (log.csv)", "micro-batch", "loss")
 
 
 class _Logger:

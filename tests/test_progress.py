@@ -11,7 +11,8 @@ def test_line_progress_writes_tenths_and_the_end(capsys):
         bar.set_postfix(loss=f"{1 / (i + 1):.3f}")
     bar.close()
     lines = capsys.readouterr().err.splitlines()
-    assert [re.match(r"training: (\d+)/25", line).group(1) for line in lines] == [str(n) for n in range(2, 25, 2)] + ["25"]
+    counts = [re.match(r"training: (\d+)/25", line).group(1) for line in lines]
+    assert counts == [str(n) for n in range(2, 25, 2)] + ["25"]
     assert "(100%)" in lines[-1] and "elapsed" in lines[-1] and "loss=0.040" in lines[-1]
 
 

@@ -50,6 +50,7 @@ def test_short_training_loss_decreases(tmp_path, phantoms):
     losses = [float(r["total"]) for r in rows]
     assert len(losses) == 36 and set(rows[0]) >= {"cls", "oct", "prx", "cnf", "ac", "bas", "kd", "images_per_s"}
     assert np.mean(losses[-6:]) < np.mean(losses[:6]) - 0.05
+    assert Image.open(tmp_path / "run" / "training.png").size == (900, 560)  # the curves, drawn from log.csv
 
 
 @pytest.mark.parametrize("accum", [1, 2])
@@ -196,6 +197,8 @@ def test_demo_command_end_to_end_small(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Macro AUC" in out and "random maps (baseline)" in out
     assert (tmp_path / "demo" / "eval" / "overlays.png").exists()
+    assert "prior-only maps" in out  # the anatomical-prior baseline beside the model
+    assert all((tmp_path / "demo" / "eval" / f"report_{kind}.png").exists() for kind in ("iou", "classes"))
     before = sorted(p.name for p in (tmp_path / "demo").glob("ckpt-*"))
     assert cli.main(["demo", "--cpu", "--set", "num_train=64", "--set", "num_val=24", "--set", "epochs=1",
                      "--set", f"output_dir={tmp_path / 'demo'}"]) == 0  # a second demo: its own folder
