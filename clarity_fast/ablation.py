@@ -21,14 +21,15 @@ from .training import TrainConfig, load_config
 
 GRADCAM = "1 class token + Grad-CAM"
 # (arm, config overrides); the Grad-CAM arm trains a plain ViT of the same size instead (gradcam_baseline.py)
+# (in the order they run: what users would otherwise use first, then the components the paper credits)
 ARMS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("full", ()),
-    ("pool=gap", ("model_args.pool=gap",)),
-    ("oct_mode=cct", ("loss.oct_mode=cct",)),
-    ("no OCT loss", ("loss.lambda_oct=0",)),
+    (GRADCAM, ()),
     ("no SegmentCAM", ("model_args.segmentcam=false",)),
     ("maps of the last block", ("model_args.num_map_layers=1",)),
-    (GRADCAM, ()),
+    ("no OCT loss", ("loss.lambda_oct=0",)),
+    ("oct_mode=cct", ("loss.oct_mode=cct",)),
+    ("pool=gap", ("model_args.pool=gap",)),
 )
 BASELINE_ARMS = (("prior_baseline", "prior-only maps"), ("random_baseline", "random maps"))
 
@@ -43,8 +44,8 @@ def arm_names() -> List[str]:
 
 def run_ablation(base: TrainConfig, out_dir: Union[str, Path], arms: Optional[Sequence[str]] = None,
                  overwrite: bool = False, progress: bool = True) -> Dict:
-    """Train and evaluate each arm of ``arms`` (default: all of :data:`ARMS`) from ``base``, each in
-    ``out_dir/<arm>``; write and return the summary (see :func:`summarise`)."""
+    """Train and evaluate each arm of ``arms`` (default: all of :data:`ARMS`, in that order) from ``base``, each
+    in ``out_dir/<arm>``; the summary (see :func:`summarise`) is rewritten after each arm and returned."""
     from .experiment import build_datasets, train_and_evaluate
     from .gradcam_baseline import GradCAMViT
     wanted = list(arms) if arms else arm_names()
@@ -66,8 +67,8 @@ def run_ablation(base: TrainConfig, out_dir: Union[str, Path], arms: Optional[Se
         t0 = time.perf_counter()
         reports[name] = train_and_evaluate(cfg, overwrite=overwrite, progress=progress, model=model)
         minutes[name] = (time.perf_counter() - t0) / 60
-    summary = summarise(reports, minutes)
-    write_summary(summary, out_dir)
+        summary = summarise(reports, minutes)
+        write_summary(summary, out_dir)  # after every arm: a long run stopped early keeps what it measured
     return summary
 
 

@@ -229,6 +229,9 @@ def markdown_report(report: Dict) -> str:
     """Markdown tables of a report made by :func:`evaluate_model`: classification, then each
     localization report with both patient folds (their accuracy and tuned ξ) and their mean."""
     lines = []
+    env = report.get("environment")
+    if env:
+        lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     cls = report.get("classification")
     if cls:
         lines += ["## Classification (ROC AUC)", "", "| class | AUC |", "|---|---|"]

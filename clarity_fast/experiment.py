@@ -131,12 +131,22 @@ def train_and_evaluate(cfg: TrainConfig, resume: bool = False, overwrite: bool =
     report = evaluate_model(model, test_set, out_dir, device=trainer.device, progress=progress,
                             tune_at=cfg.xi_tune_at)
     report["train_minutes"] = minutes
+    report["environment"] = environment(trainer.device)
     if cfg.dataset == "nih":  # the validation split prepare carved: a reported validation AUC
         _, val_set = build_datasets(cfg, progress, train=False, split="val")
         val = run_model(model, val_set, device=trainer.device, progress=progress)
         report["validation_classification"] = classification_report(val["probs"], val["labels"], model.class_names)
     write_report(report, out_dir)
     return report
+
+
+def environment(device: torch.device) -> Dict[str, str]:
+    """What a run's figures depend on beyond its config: training on a CPU is bitwise repeatable for the same
+    torch build, CPU and number of threads; phantom generation and evaluation do not depend on them."""
+    import platform
+    return dict(torch=torch.__version__, device=str(device), threads=str(torch.get_num_threads()),
+                cpu=platform.processor() or platform.machine(),
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "none")
 
 
 def load_model(checkpoint: PathLike, config: Optional[PathLike] = None, overrides: Sequence[str] = (),
