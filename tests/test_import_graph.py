@@ -67,9 +67,9 @@ def test_kernels_are_imported_visibly_by_the_model_layers():
 
 def test_cli_sits_on_the_library_layer():
     graph = import_graph()
-    assert graph["clarity_fast.cli"] <= {"clarity_fast.experiment", "clarity_fast.errors", "clarity_fast.training",
-                                         "clarity_fast.predict", "clarity_fast.nih", "clarity_fast.phantom",
-                                         "clarity_fast.viz"}
+    assert graph["clarity_fast.cli"] <= {"clarity_fast.experiment", "clarity_fast.ablation", "clarity_fast.errors",
+                                         "clarity_fast.training", "clarity_fast.predict", "clarity_fast.nih",
+                                         "clarity_fast.phantom", "clarity_fast.viz"}
     assert "clarity_fast.cli" not in set().union(*(v for k, v in graph.items() if k != "clarity_fast.__main__"))
     assert "clarity_fast.phantom" not in graph["clarity_fast.nih"]  # real data never imports the phantom
 
