@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import re
 import time
+from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
-
 from .errors import InputError
+from .evaluation import REPORT_MAPS, format_figure, json_safe
 from .files import write_text_atomic
 from .training import TrainConfig, load_config
 
@@ -31,7 +31,6 @@ ARMS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("oct_mode=cct", ("loss.oct_mode=cct",)),
     ("pool=gap", ("model_args.pool=gap",)),
 )
-BASELINE_ARMS = (("prior_baseline", "prior-only maps"), ("random_baseline", "random maps"))
 
 
 def _slug(arm: str) -> str:
@@ -85,7 +84,7 @@ def summarise(reports: Dict[str, Dict], minutes: Dict[str, float]) -> Dict:
         per_class[name] = {c: dict(at_0_3=a.get("0.3"), area_ratio=_ratio(loc["box_area"][c]))
                            for c, a in loc["accuracy"].items()}
     first = next(iter(reports.values()))
-    for key, label in BASELINE_ARMS:
+    for key, _, label in REPORT_MAPS[1:]:  # the baselines
         base = first.get(key)
         if base:
             label = f"{label} (σ={base['sigma']:g})" if "sigma" in base else label
@@ -100,8 +99,7 @@ def _ratio(area: Dict) -> Optional[float]:
     return area["predicted"] / area["truth"] if area["truth"] > 0 else None
 
 
-def _f(v) -> str:
-    return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
+_cell = partial(format_figure, missing="–")  # a table cell: "–" where there is no figure
 
 
 def markdown(summary: Dict) -> str:
@@ -113,8 +111,8 @@ def markdown(summary: Dict) -> str:
     for name, r in rows.items():
         label = f"*{name}*" if r["baseline"] else name
         minutes = f"{r['minutes']:.1f}" if r["minutes"] is not None else "–"
-        lines.append(f"| {label} | " + " | ".join(_f(r["macro"].get(t)) for t in ts)
-                     + f" | **{_f(r['mean'])}** | {_f(r['auc'])} | {minutes} |")
+        lines.append(f"| {label} | " + " | ".join(_cell(r["macro"].get(t)) for t in ts)
+                     + f" | **{_cell(r['mean'])}** | {_cell(r['auc'])} | {minutes} |")
     arms = list(summary["per_class"])
     classes = list(next(iter(summary["per_class"].values())))
     lines += ["", "IoU accuracy at T = 0.3 per class (box area of the scored boxes / ground truth in brackets):", "",
@@ -123,18 +121,17 @@ def markdown(summary: Dict) -> str:
         cells = []
         for a in arms:
             v = summary["per_class"][a].get(c, {})
-            cells.append(f"{_f(v.get('at_0_3'))} ({_f(v.get('area_ratio'))}×)" if v else "–")
+            cells.append(f"{_cell(v.get('at_0_3'))} ({_cell(v.get('area_ratio'))}×)" if v else "–")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_summary(summary: Dict, out_dir: Union[str, Path]) -> None:
     """``ablation.json``, ``ablation.md`` and ``ablation.png`` in ``out_dir``."""
-    from .evaluation import _json_safe
     from .viz import line_plot
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "ablation.json", json.dumps(_json_safe(summary), indent=2, allow_nan=False))
+    write_text_atomic(out_dir / "ablation.json", json.dumps(json_safe(summary), indent=2, allow_nan=False))
     write_text_atomic(out_dir / "ablation.md", markdown(summary))
     series = [dict(name=name.replace("σ", "sigma "), x=[float(t) for t in r["macro"]], y=list(r["macro"].values()),
                    dashed=r["baseline"]) for name, r in summary["rows"].items()]  # PIL's default font has no σ

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from .errors import InputError
 from .kernels import segmentcam_logits
 from .layers import Block, ClassTokenHead, SegmentCAM, patch_grid
-from .pathologies import CLASS_NAMES
+from .pathologies import CLASS_NAMES, default_class_names
 
 __all__ = ["Clarity", "ClarityOutput"]
 
@@ -169,8 +169,7 @@ class Clarity(nn.Module):
     @class_names.setter
     def class_names(self, names: Optional[Sequence[str]]) -> None:
         if names is None:
-            names = CLASS_NAMES if self.num_classes == len(CLASS_NAMES) else [f"class_{i}" for i in
-                                                                             range(self.num_classes)]
+            names = default_class_names(self.num_classes)
         if isinstance(names, str) or len(names) != self.num_classes or not all(isinstance(n, str) for n in names):
             raise InputError(f"label_names must be {self.num_classes} strings (one per class, num_classes="
                              f"{self.num_classes}), got {names!r}")
@@ -249,6 +248,13 @@ class Clarity(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x), grid
 
+    def _run_block(self, blk: nn.Module, x: torch.Tensor, maps: Optional[torch.Tensor] = None,
+                   map_weight: Optional[float] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One block, under activation checkpointing when it is on and gradients are recorded."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, self.num_classes, maps, map_weight, use_reentrant=False)
+        return blk(x, self.num_classes, maps, map_weight)
+
     def _forward_tokens(self, x: torch.Tensor, with_maps: bool = True
                         ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Tuple[int, int]]:
         """Run the backbone. Returns normed tokens (B, N, D), maps (B, C, P) or None,
@@ -259,10 +265,7 @@ class Clarity(nn.Module):
         maps, states = None, []
         for i, blk in enumerate(self.blocks):
             map_weight = 1.0 / self.num_map_layers if i >= first_map_block else None
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x, maps = checkpoint(blk, x, C, maps, map_weight, use_reentrant=False)
-            else:
-                x, maps = blk(x, C, maps, map_weight)
+            x, maps = self._run_block(blk, x, maps, map_weight)
             if i >= depth - self.num_oct_layers:
                 states.append(x[:, :C])
         class_states = torch.stack(states) if states else None
@@ -296,10 +299,7 @@ class Clarity(nn.Module):
         C, intermediates = self.num_classes, []
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         for i, blk in enumerate(blocks):
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x, _ = checkpoint(blk, x, C, use_reentrant=False)
-            else:
-                x, _ = blk(x, C)
+            x, _ = self._run_block(blk, x)
             if i in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
         prefix = [y[:, :C] for y in intermediates]
@@ -494,7 +494,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Clarity) ->
 
 def _cfg(img_size: int, **kwargs) -> Dict:
     return {
-        "url": "", "num_classes": 14, "label_names": CLASS_NAMES, "input_size": (3, img_size, img_size), "pool_size": None,
+        "url": "", "num_classes": 14, "label_names": CLASS_NAMES, "input_size": (3, img_size, img_size),
+        "pool_size": None,
         "crop_pct": 1.0, "interpolation": "bicubic", "fixed_input_size": True,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",

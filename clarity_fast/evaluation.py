@@ -27,6 +27,7 @@ from .progress import progress as progress_bar
 IOU_THRESHOLDS: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 XI_CANDIDATES: Tuple[float, ...] = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2))
 
+
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC by the Mann-Whitney rank statistic (ties get half credit); NaN if one class is absent."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
@@ -186,8 +187,8 @@ def prior_baseline(records: Sequence[BoxRecord], priors: Dict[str, torch.Tensor]
     return dict(reports[best], sigma=best, mean_by_sigma={f"{s:g}": reports[s]["mean_iou_accuracy"] for s in sigmas})
 
 
-def _fmt(v: float) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+def format_figure(v: Optional[float], missing: str = "n/a") -> str:
+    return missing if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
 def _accuracy_table(accuracy: Dict, macro: Dict, xi: Optional[Dict] = None) -> List[str]:
@@ -201,13 +202,15 @@ def _accuracy_table(accuracy: Dict, macro: Dict, xi: Optional[Dict] = None) -> L
     return lines
 
 
-BASELINES = (("localization", "Ξ"), ("prior_baseline", "prior"), ("random_baseline", "random"))
+# the maps a report scores: report key, short name for tables, name for plots (PIL's default font has no Ξ)
+REPORT_MAPS = (("localization", "Ξ", "CLARiTy maps Xi"), ("prior_baseline", "prior", "prior-only maps"),
+               ("random_baseline", "random", "random maps"))
 
 
 def _side_by_side(report: Dict, t: str = "0.3") -> List[str]:
     """Per class: IoU accuracy at T = ``t`` and the mean over T, of Ξ and of each baseline in the report, and the
     mean area of the boxes scored from Ξ against the ground truth's."""
-    arms = [(key, name) for key, name in BASELINES if report.get(key)]
+    arms = [(key, name) for key, name, _ in REPORT_MAPS if report.get(key)]
     loc = report["localization"]
     head = ("| class | " + " | ".join(f"{n} T={t}" for _, n in arms) + " | " + " | ".join(f"{n} mean" for _, n in arms)
             + " | box area Ξ / truth |")
@@ -219,9 +222,10 @@ def _side_by_side(report: Dict, t: str = "0.3") -> List[str]:
                  else float("nan") for k, _ in arms]
         area = loc["box_area"][c]
         ratio = area["predicted"] / area["truth"] if area["truth"] > 0 else float("nan")
-        lines.append(f"| {c} | " + " | ".join(_fmt(v) for v in at_t + means) + f" | {_fmt(ratio)} |")
-    lines.append("| **Macro** | " + " | ".join(f"**{_fmt(report[k]['macro'].get(t))}**" for k, _ in arms) + " | "
-                 + " | ".join(f"**{_fmt(report[k]['mean_iou_accuracy'])}**" for k, _ in arms) + " | |")
+        lines.append(f"| {c} | " + " | ".join(format_figure(v) for v in at_t + means) + f" | {format_figure(ratio)} |")
+    lines.append("| **Macro** | " + " | ".join(f"**{format_figure(report[k]['macro'].get(t))}**" for k, _ in arms)
+                 + " | " + " | ".join(f"**{format_figure(report[k]['mean_iou_accuracy'])}**" for k, _ in arms)
+                 + " | |")
     return lines + [""]
 
 
@@ -235,9 +239,9 @@ def markdown_report(report: Dict) -> str:
     cls = report.get("classification")
     if cls:
         lines += ["## Classification (ROC AUC)", "", "| class | AUC |", "|---|---|"]
-        lines += [f"| {c} | {_fmt(v)} |" for c, v in cls["auc"].items()]
+        lines += [f"| {c} | {format_figure(v)} |" for c, v in cls["auc"].items()]
         n, total = cls.get("macro_auc_classes", len(cls["auc"])), cls.get("num_classes", len(cls["auc"]))
-        lines += [f"| **Macro ({n} of {total} classes)** | **{_fmt(cls['macro_auc'])}** |", ""]
+        lines += [f"| **Macro ({n} of {total} classes)** | **{format_figure(cls['macro_auc'])}** |", ""]
     if report.get("localization"):
         lines += _side_by_side(report)
     for key, title in (("localization", "Localization (IoU accuracy of boxes from Ξ)"),
@@ -262,14 +266,14 @@ def markdown_report(report: Dict) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(value):
+def json_safe(value):
     """NaN and inf as JSON ``null`` (json.dumps would write the invalid token NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -278,7 +282,7 @@ def write_report(report: Dict, out_dir: Union[str, Path], stem: str = "report") 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    write_text_atomic(json_path, json.dumps(_json_safe(report), indent=2, allow_nan=False))
+    write_text_atomic(json_path, json.dumps(json_safe(report), indent=2, allow_nan=False))
     write_text_atomic(md_path, markdown_report(report))
     return json_path, md_path
 
@@ -331,7 +335,8 @@ def evaluate_model(model: torch.nn.Module, dataset, out_dir: Union[str, Path, No
                    batch_size: int = 32, device: Union[str, torch.device] = "cpu", num_overlays: int = 8,
                    seed: int = 0, progress: bool = True, tune_at: Optional[float] = None,
                    stem: str = "report") -> Dict:
-    """Classification and localization report of ``model`` on ``dataset`` with the random-map baseline,
+    """Classification and localization report of ``model`` on ``dataset`` with the random-map baseline and,
+    where the data set has anatomical priors, the prior-only baseline,
     per class of ``model.class_names`` (the data set's ``classes``, where it has them, must be the same);
     with ``out_dir``: ``<stem>.json``, ``<stem>.md`` and PNG overlays of the first box images, each box
     drawn with the ξ the report scored it with (tuned on the other patient fold)."""
@@ -370,8 +375,7 @@ def write_plots(report: Dict, out_dir: Union[str, Path], stem: str = "report") -
     baseline (dashed); ``<stem>_classes.png``: per-class IoU accuracy at T = 0.3 (Ξ beside the baselines) and
     classification AUC."""
     from .viz import bar_chart, line_plot
-    arms = [(key, name) for key, name in (("localization", "CLARiTy maps Xi"), ("prior_baseline", "prior-only maps"),
-                                          ("random_baseline", "random maps")) if report.get(key)]
+    arms = [(key, name) for key, _, name in REPORT_MAPS if report.get(key)]
     series = [dict(name=name, x=[float(t) for t in report[key]["macro"]], y=list(report[key]["macro"].values()),
                    dashed=key != "localization") for key, name in arms]
     out_dir = Path(out_dir)

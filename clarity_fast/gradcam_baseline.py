@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .clarity import ClarityOutput
 from .errors import InputError
-from .pathologies import CLASS_NAMES
+from .pathologies import default_class_names
 
 
 class GradCAMViT(nn.Module):
@@ -32,8 +32,7 @@ class GradCAMViT(nn.Module):
                                      num_classes=num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                                      global_pool="token", drop_path_rate=drop_path_rate)
         self.in_chans, self.num_classes = in_chans, num_classes
-        names = tuple(label_names or (CLASS_NAMES if num_classes == len(CLASS_NAMES) else
-                                      [f"class_{i}" for i in range(num_classes)]))
+        names = tuple(label_names or default_class_names(num_classes))
         if len(names) != num_classes:
             raise InputError(f"label_names must be {num_classes} names, got {len(names)}")
         self.class_names = names

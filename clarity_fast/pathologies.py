@@ -23,6 +23,11 @@ BOX_CLASSES: Tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Effusion", "Infi
                                 "Pneumonia", "Pneumothorax")
 
 
+def default_class_names(num_classes: int) -> Tuple[str, ...]:
+    """Names for a model built without ``label_names``: NIH's 14 for 14 classes, else ``class_0 …``."""
+    return CLASS_NAMES if num_classes == len(CLASS_NAMES) else tuple(f"class_{i}" for i in range(num_classes))
+
+
 class ClassRegion(NamedTuple):
     """Regions whose union is a class's anatomical prior, and the extra dilation in patches."""
     regions: Tuple[str, ...]

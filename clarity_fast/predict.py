@@ -9,9 +9,9 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .boxes import box_from_map
 from .data import normalize
 from .errors import InputError
-from .boxes import box_from_map
 from .files import write_text_atomic
 from .images import decode_xray, resize_square
 from .viz import overlay, tile
@@ -20,7 +20,12 @@ from .viz import overlay, tile
 def load_image(path: Union[str, Path], size: int) -> torch.Tensor:
     """An image file -> ``(1, size, size)`` float in [0, 1], decoded and resized exactly as ``prepare``
     caches training images (:mod:`clarity_fast.images`)."""
-    return torch.tensor(resize_square(_decode(path), size), dtype=torch.float32).div(255)[None]
+    return _as_image(resize_square(_decode(path), size))[None]
+
+
+def _as_image(a: np.ndarray) -> torch.Tensor:
+    """``(H, W)`` uint8 -> ``(H, W)`` float32 in [0, 1]."""
+    return torch.from_numpy(a).float().div(255)
 
 
 def _decode(path: Union[str, Path]) -> np.ndarray:
@@ -100,11 +105,11 @@ def predict_files(model, paths: Sequence[Union[str, Path]], out_dir: Union[str, 
     for path, name in zip(paths, names):
         full = _decode(path)  # (H, W) uint8, the input's own resolution
         H, W = full.shape
-        img = torch.tensor(resize_square(full, size), dtype=torch.float32).div(255)[None]
+        img = _as_image(resize_square(full, size))[None]
         out = model.forward_outputs(normalize(img[None].to(device), model.in_chans))
         probs = out.logits[0].float().sigmoid().tolist()
         boxes, panels = {}, []
-        picture_full = torch.from_numpy(full).float().div(255)
+        picture_full = _as_image(full)
         for c in _panel_classes(probs, class_names, classes, top_k):
             loc_map = out.loc_map[0, c].float().cpu()
             box = box_from_map(loc_map, (H, W), threshold)  # drawn at the input's size: input-file pixels
@@ -114,7 +119,8 @@ def predict_files(model, paths: Sequence[Union[str, Path]], out_dir: Union[str, 
                                   title=f"{class_names[c]} {probs[c]:.2f}"))
         picture = out_dir / name
         tile(panels, min(4, len(panels))).save(picture)
-        result = dict(image=str(path), probabilities=dict(zip(class_names, probs)), boxes=boxes, overlay=str(picture))
+        result = dict(image=str(path), probabilities=dict(zip(class_names, probs)), boxes=boxes,
+                      overlay=str(picture))
         if warning:
             result["warning"] = warning
         results.append(result)

@@ -34,7 +34,8 @@ from .clarity import Clarity
 from .data import augment, collate, normalize
 from .errors import InputError
 from .files import fsync_dir, fsync_file, write_text_atomic
-from .losses import ClarityLoss
+from .evaluation import IOU_THRESHOLDS
+from .losses import TERMS, ClarityLoss
 from .progress import progress
 from .weights import create_model, load_pretrained
 
@@ -138,8 +139,8 @@ _RULES: Dict[str, tuple] = {
     "save_every_steps": (int, True, lambda v: v >= 1, "an integer >= 1 or null"),
     "max_steps": (int, True, lambda v: v >= 1, "an integer >= 1 or null"),
     "max_bad_steps": (int, False, lambda v: v >= 1, "an integer >= 1"),
-    "xi_tune_at": (float, True, lambda v: any(abs(v - t) < 1e-9 for t in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)),
-                   "one of 0.1, 0.2, ..., 0.7 or null"),
+    "xi_tune_at": (float, True, lambda v: any(abs(v - t) < 1e-9 for t in IOU_THRESHOLDS),
+                   "one of " + ", ".join(f"{t:g}" for t in IOU_THRESHOLDS) + " or null"),
 }
 # keys a resumed run may change; any other difference from the saved config is refused
 RESUMABLE_CHANGES = ("max_steps", "num_workers", "log_every", "save_every_steps", "device", "output_dir")
@@ -666,8 +667,7 @@ def plot_log(run_dir: Union[str, Path]) -> Optional[Path]:
     if len(rows) < 2:
         return None
     steps = [float(r["step"]) for r in rows]
-    terms = [k for k in ("total", "cls", "kd", "oct", "prx", "cnf", "ac", "bas")
-             if k in rows[0] and any(float(r[k]) != 0 for r in rows)]
+    terms = [k for k in ("total",) + TERMS if k in rows[0] and any(float(r[k]) != 0 for r in rows)]
     series = [dict(name=k, x=steps, y=[float(r[k]) for r in rows]) for k in terms]
     return line_plot(series, Path(run_dir) / "training.png", "training losses (log.csv)", "micro-batch", "loss")
 

@@ -91,9 +91,13 @@ def contact_sheet(dataset, path: Union[str, Path], count: int = 16, columns: int
     """Write a PNG grid of the first ``count`` samples of ``dataset`` (see :func:`sample_picture`)."""
     pictures = [sample_picture(dataset[i], getattr(dataset, "classes", CLASS_NAMES))
                 for i in range(min(count, len(dataset)))]
+    return _save_png(tile(pictures, columns), path)
+
+
+def _save_png(image: Image.Image, path: Union[str, Path]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tile(pictures, columns).save(path)
+    image.save(path)
     return path
 
 
@@ -149,10 +153,7 @@ def line_plot(series: Sequence[dict], path: Union[str, Path], title: str, xlabel
         else:
             draw.line([(W - right + 12, ly + 6), (W - right + 40, ly + 6)], fill=color, width=2)
         draw.text((W - right + 46, ly), s["name"], fill=(0, 0, 0))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path)
-    return path
+    return _save_png(im, path)
 
 
 def bar_chart(groups: Sequence[str], series: Sequence[dict], path: Union[str, Path], title: str, ylabel: str,
@@ -185,7 +186,4 @@ def bar_chart(groups: Sequence[str], series: Sequence[dict], path: Union[str, Pa
         x = left + 10 + 170 * i
         draw.rectangle([x, 34, x + 12, 46], fill=PALETTE[i % len(PALETTE)])
         draw.text((x + 16, 34), s["name"], fill=(0, 0, 0))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path)
-    return path
+    return _save_png(im, path)

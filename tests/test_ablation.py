@@ -30,6 +30,10 @@ def test_ablate_command_all_arms(tmp_path, capsys):
     table = (out / "ablation.md").read_text()
     assert all(f"| {name} |" in table for name in arms) and "*random maps*" in table
     assert Image.open(out / "ablation.png").size == (900, 560)
+    full = json.loads((out / "full" / "eval" / "report.json").read_text())  # the arm's own evaluation report
+    assert summary["rows"]["full"]["mean"] == full["localization"]["mean_iou_accuracy"]
+    assert summary["rows"]["full"]["auc"] == full["classification"]["macro_auc"]
+    assert summary["rows"][baselines[1]]["macro"] == full["random_baseline"]["macro"]
     grad = json.loads((out / "1-class-token-grad-cam" / "eval" / "report.json").read_text())
     assert grad["localization"]["num_boxes"] > 0  # Grad-CAM maps went through the same protocol
     # a second run refuses the arms' folders unless told to overwrite
