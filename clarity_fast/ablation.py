@@ -79,7 +79,7 @@ def summarise(reports: Dict[str, Dict], minutes: Dict[str, float]) -> Dict:
         loc = report.get("localization")
         if not loc:
             raise InputError(f"arm '{name}' has no localization report (no box images in the test set)")
-        rows[name] = dict(macro=loc["macro"], mean=loc["mean_iou_accuracy"],
+        rows[name] = dict(macro=loc["macro"], mean=loc["mean_iou_accuracy"], pointing=loc.get("pointing_macro"),
                           auc=report["classification"]["macro_auc"], minutes=minutes.get(name), baseline=False)
         per_class[name] = {c: dict(at_0_3=a.get("0.3"), area_ratio=_ratio(loc["box_area"][c]))
                            for c, a in loc["accuracy"].items()}
@@ -88,8 +88,8 @@ def summarise(reports: Dict[str, Dict], minutes: Dict[str, float]) -> Dict:
         base = first.get(key)
         if base:
             label = f"{label} (σ={base['sigma']:g})" if "sigma" in base else label
-            rows[label] = dict(macro=base["macro"], mean=base["mean_iou_accuracy"], auc=None, minutes=None,
-                               baseline=True)
+            rows[label] = dict(macro=base["macro"], mean=base["mean_iou_accuracy"],
+                               pointing=base.get("pointing_macro"), auc=None, minutes=None, baseline=True)
             per_class[label] = {c: dict(at_0_3=a.get("0.3"), area_ratio=_ratio(base["box_area"][c]))
                                 for c, a in base["accuracy"].items()}
     return dict(rows=rows, per_class=per_class)
@@ -103,16 +103,17 @@ _cell = partial(format_figure, missing="–")  # a table cell: "–" where there
 
 
 def markdown(summary: Dict) -> str:
-    """The ablation as Markdown: the macro table, then IoU accuracy at T = 0.3 per class and arm."""
+    """The ablation as Markdown: the macro table (with the pointing game: peak in box), then IoU accuracy at
+    T = 0.3 per class and arm."""
     rows = summary["rows"]
     ts = list(next(iter(rows.values()))["macro"])
-    lines = ["| arm | " + " | ".join(f"T={t}" for t in ts) + " | mean | macro AUC | minutes |",
-             "|---|" + "---|" * (len(ts) + 3)]
+    lines = ["| arm | " + " | ".join(f"T={t}" for t in ts) + " | mean | peak in box | macro AUC | minutes |",
+             "|---|" + "---|" * (len(ts) + 4)]
     for name, r in rows.items():
         label = f"*{name}*" if r["baseline"] else name
         minutes = f"{r['minutes']:.1f}" if r["minutes"] is not None else "–"
         lines.append(f"| {label} | " + " | ".join(_cell(r["macro"].get(t)) for t in ts)
-                     + f" | **{_cell(r['mean'])}** | {_cell(r['auc'])} | {minutes} |")
+                     + f" | **{_cell(r['mean'])}** | {_cell(r.get('pointing'))} | {_cell(r['auc'])} | {minutes} |")
     arms = list(summary["per_class"])
     classes = list(next(iter(summary["per_class"].values())))
     lines += ["", "IoU accuracy at T = 0.3 per class (box area of the scored boxes / ground truth in brackets):", "",

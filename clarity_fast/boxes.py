@@ -52,6 +52,19 @@ def box_from_map(loc_map: torch.Tensor, image_size: Tuple[int, int], threshold: 
     return None if m is None else largest_component_box(m >= threshold)
 
 
+def peak_in_box(loc_map: torch.Tensor, image_size: Tuple[int, int], box: Box) -> bool:
+    """The pointing game: does the grid cell where the ``(h, w)`` map peaks (first maximum) overlap ``box`` (in
+    pixels of an image of ``image_size = (H, W)``)? False for a flat map, which points nowhere."""
+    m = loc_map.detach().float()
+    if not m.max() > m.min():
+        return False
+    h, w = m.shape
+    row, col = divmod(int(m.flatten().argmax()), w)
+    cell_h, cell_w = image_size[0] / h, image_size[1] / w
+    x, y, bw, bh = box
+    return col * cell_w < x + bw and x < (col + 1) * cell_w and row * cell_h < y + bh and y < (row + 1) * cell_h
+
+
 def iou(a: Optional[Box], b: Box) -> float:
     """Intersection over union of two (x, y, w, h) boxes; 0 when ``a`` is None."""
     if a is None:

@@ -19,7 +19,7 @@ import torch
 from scipy import ndimage
 from scipy.stats import rankdata
 
-from .boxes import Box, box_from_map, iou, largest_component_box, normalised_upsample
+from .boxes import Box, box_from_map, iou, largest_component_box, normalised_upsample, peak_in_box
 from .errors import InputError
 from .files import write_text_atomic
 from .progress import progress as progress_bar
@@ -106,8 +106,10 @@ def localization_report(records: Sequence[BoxRecord], loc_maps: Dict[str, torch.
     accuracy over ``thresholds``, a number for the accuracy at that T. Returns a dict with
     ``accuracy[class][T]`` (mean of the two folds), ``folds`` (each fold's accuracy, macro and tuned ξ),
     ``macro`` (per T, over classes with boxes), ``mean_iou_accuracy`` (over classes and T),
-    ``box_area[class]`` (mean area in pixels of the boxes scored, 0 for a flat map, and of the ground truth)
-    and ``xi_criterion``.
+    ``box_area[class]`` (mean area in pixels of the boxes scored, 0 for a flat map, and of the ground truth),
+    ``pointing[class]`` and ``pointing_macro`` (the pointing game, no ξ involved: the fraction of boxes whose
+    map peaks in a grid cell that overlaps the box, see :func:`~clarity_fast.boxes.peak_in_box`) and
+    ``xi_criterion``.
     """
     missing = sorted({r.image_id for r in records if r.image_id not in loc_maps})
     if missing:
@@ -148,8 +150,11 @@ def localization_report(records: Sequence[BoxRecord], loc_maps: Dict[str, torch.
     truth_area = np.array([r.box[2] * r.box[3] for r in records])
     box_area = {name: {"predicted": float(scored_area[cls == classes.index(name)].mean()),
                        "truth": float(truth_area[cls == classes.index(name)].mean())} for name in accuracy}
+    hits = np.array([peak_in_box(loc_maps[r.image_id][r.class_index], r.image_size, r.box) for r in records])
+    pointing = {name: float(hits[cls == classes.index(name)].mean()) for name in accuracy}
     return {"accuracy": accuracy, "macro": macro, "mean_iou_accuracy": mean_acc, "folds": fold_results,
-            "box_area": box_area,
+            "box_area": box_area, "pointing": pointing,
+            "pointing_macro": float(np.mean(list(pointing.values()))) if pointing else float("nan"),
             "xi_criterion": xi_criterion(tune_at), "num_boxes": len(records),
             "num_images": len({r.image_id for r in records})}
 
@@ -208,23 +213,27 @@ REPORT_MAPS = (("localization", "Ξ", "CLARiTy maps Xi"), ("prior_baseline", "pr
 
 
 def _side_by_side(report: Dict, t: str = "0.3") -> List[str]:
-    """Per class: IoU accuracy at T = ``t`` and the mean over T, of Ξ and of each baseline in the report, and the
-    mean area of the boxes scored from Ξ against the ground truth's."""
+    """Per class: IoU accuracy at T = ``t``, the mean over T and the pointing game, of Ξ and of each baseline in the
+    report, and the mean area of the boxes scored from Ξ against the ground truth's."""
     arms = [(key, name) for key, name, _ in REPORT_MAPS if report.get(key)]
     loc = report["localization"]
     head = ("| class | " + " | ".join(f"{n} T={t}" for _, n in arms) + " | " + " | ".join(f"{n} mean" for _, n in arms)
-            + " | box area Ξ / truth |")
-    lines = ["## Localization side by side (same protocol, same folds)", "", head,
-             "|---|" + "---|" * (2 * len(arms) + 1)]
+            + " | " + " | ".join(f"{n} peak in box" for _, n in arms) + " | box area Ξ / truth |")
+    lines = ["## Localization side by side (same protocol, same folds)", "",
+             "Peak in box: the pointing game, the fraction of boxes whose map peaks in a grid cell overlapping the "
+             "box (no ξ involved).", "", head, "|---|" + "---|" * (3 * len(arms) + 1)]
     for c in loc["accuracy"]:
         at_t = [report[k]["accuracy"].get(c, {}).get(t, float("nan")) for k, _ in arms]
         means = [float(np.mean(list(report[k]["accuracy"][c].values()))) if c in report[k]["accuracy"]
                  else float("nan") for k, _ in arms]
+        pointing = [report[k].get("pointing", {}).get(c, float("nan")) for k, _ in arms]
         area = loc["box_area"][c]
         ratio = area["predicted"] / area["truth"] if area["truth"] > 0 else float("nan")
-        lines.append(f"| {c} | " + " | ".join(format_figure(v) for v in at_t + means) + f" | {format_figure(ratio)} |")
+        lines.append(f"| {c} | " + " | ".join(format_figure(v) for v in at_t + means + pointing)
+                     + f" | {format_figure(ratio)} |")
     lines.append("| **Macro** | " + " | ".join(f"**{format_figure(report[k]['macro'].get(t))}**" for k, _ in arms)
                  + " | " + " | ".join(f"**{format_figure(report[k]['mean_iou_accuracy'])}**" for k, _ in arms)
+                 + " | " + " | ".join(f"**{format_figure(report[k].get('pointing_macro'))}**" for k, _ in arms)
                  + " | |")
     return lines + [""]
 

@@ -173,3 +173,40 @@ def test_prior_baseline_known_truth():
     assert prior_baseline(records, whole, ["A", "B"])["mean_iou_accuracy"] == 0.0
     blurred = prior_maps(priors, 1.0)["img0"]
     assert blurred.shape == (2, 8, 8) and blurred[1].abs().max() == 0 and 0 < blurred[0].max() < 1
+
+
+def test_peak_in_box_against_a_pixel_raster():
+    """The pointing game against an independent reference: the peak cell and the box rasterised on the pixel
+    grid (nearest upsampling of a one-hot map), hit = they share a pixel; random maps, grids and integer boxes,
+    image sizes that are not multiples of 8 of the grid. Flat maps point nowhere."""
+    import torch.nn.functional as F
+    from clarity_fast.boxes import peak_in_box
+    g = torch.Generator().manual_seed(0)
+    hits = 0
+    for _ in range(300):
+        h, w = int(torch.randint(3, 9, (1,), generator=g)), int(torch.randint(3, 9, (1,), generator=g))
+        k = int(torch.randint(2, 7, (1,), generator=g))
+        H, W = h * k, w * k
+        m = torch.rand(h, w, generator=g)
+        x, y = (int(v) for v in torch.randint(0, min(H, W) - 1, (2,), generator=g))
+        bw, bh = (int(v) for v in torch.randint(1, k + 3, (2,), generator=g))
+        one_hot = (m == m.max()).float()
+        cell = F.interpolate(one_hot[None, None], size=(H, W), mode="nearest")[0, 0].bool()
+        box = torch.zeros(H, W, dtype=torch.bool)
+        box[y:y + bh, x:x + bw] = True
+        expected = bool((cell & box).any())
+        assert peak_in_box(m, (H, W), (float(x), float(y), float(bw), float(bh))) == expected
+        hits += expected
+    assert 20 < hits < 280  # both outcomes exercised
+    assert not peak_in_box(torch.ones(4, 4), (32, 32), (0.0, 0.0, 32.0, 32.0))
+
+
+def test_pointing_game_in_the_report():
+    """Maps equal to the boxes peak inside them (1.0); the same maps shifted by 30 px, beyond each 20-px box,
+    never do (0.0); the side-by-side table shows the column."""
+    records, maps = _records_and_maps(shift=0)
+    rep = localization_report(records, maps, ["A", "B"])
+    assert rep["pointing"] == {"A": 1.0, "B": 1.0} and rep["pointing_macro"] == 1.0
+    records, maps = _records_and_maps(shift=30)
+    assert localization_report(records, maps, ["A", "B"])["pointing_macro"] == 0.0
+    assert "Ξ peak in box" in markdown_report({"localization": rep})
