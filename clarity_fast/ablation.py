@@ -8,14 +8,14 @@ The prior-only and random baselines come with the full model's report. Results: 
 from __future__ import annotations
 
 import json
+import math
 import re
-import time
 from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .errors import InputError
-from .evaluation import REPORT_MAPS, format_figure, json_safe
+from .evaluation import REPORT_MAPS, format_figure, json_safe, write_report
 from .files import write_text_atomic
 from .training import TrainConfig, load_config
 
@@ -42,9 +42,13 @@ def arm_names() -> List[str]:
 
 
 def run_ablation(base: TrainConfig, out_dir: Union[str, Path], arms: Optional[Sequence[str]] = None,
-                 overwrite: bool = False, progress: bool = True) -> Dict:
-    """Train and evaluate each arm of ``arms`` (default: all of :data:`ARMS`, in that order) from ``base``, each
-    in ``out_dir/<arm>``; the summary (see :func:`summarise`) is rewritten after each arm and returned."""
+                 seeds: Optional[Sequence[int]] = None, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True) -> Dict:
+    """Train and evaluate each arm of ``arms`` (default: all of :data:`ARMS`, in that order) from ``base``, once
+    per seed of ``seeds`` (default: ``base.seed``; the seed draws the phantoms, train and test, and the
+    initialisation), each in ``out_dir/<arm>/seed-<k>``; the summary (see :func:`summarise`) is rewritten after
+    each run and returned. ``resume``: continue the arms' interrupted runs and re-score finished ones with the
+    current protocol (their training minutes kept); ``overwrite``: start them over."""
     from .experiment import train_and_evaluate
     from .gradcam_baseline import GradCAMViT
     from .pathologies import CLASS_NAMES
@@ -52,68 +56,114 @@ def run_ablation(base: TrainConfig, out_dir: Union[str, Path], arms: Optional[Se
     unknown = [a for a in wanted if a not in arm_names()]
     if unknown:
         raise InputError(f"unknown ablation arms {unknown}; known: {arm_names()}")
+    if resume and overwrite:
+        raise InputError("resume and overwrite contradict each other: pick one")
+    seeds = list(seeds) if seeds else [base.seed]
+    if len(set(seeds)) != len(seeds) or not all(isinstance(k, int) and k >= 0 for k in seeds):
+        raise InputError(f"seeds must be distinct integers >= 0, got {seeds}")
     out_dir = Path(out_dir)
-    reports, minutes = {}, {}
+    reports: Dict[str, Dict[int, Dict]] = {}
     for name, overrides in ARMS:
         if name not in wanted:
             continue
-        cfg = load_config(None, list(overrides) + [f"output_dir={out_dir / _slug(name)}"], base=base)
-        model = None
-        if name == GRADCAM:  # the data sets' classes (NIH's 14, phantom and NIH alike)
-            model = GradCAMViT.like(cfg.model_args, CLASS_NAMES, drop_path_rate=cfg.drop_path)
-        if progress:
-            print(f"ablation arm '{name}': {' '.join(overrides) or 'as configured'}", flush=True)
-        t0 = time.perf_counter()
-        reports[name] = train_and_evaluate(cfg, overwrite=overwrite, progress=progress, model=model)
-        minutes[name] = (time.perf_counter() - t0) / 60
-        summary = summarise(reports, minutes)
-        write_summary(summary, out_dir)  # after every arm: a long run stopped early keeps what it measured
+        for seed in seeds:
+            run_dir = out_dir / _slug(name) / f"seed-{seed}"
+            cfg = load_config(None, list(overrides) + [f"seed={seed}", f"output_dir={run_dir}"], base=base)
+            model = None
+            if name == GRADCAM:  # the data sets' classes (NIH's 14, phantom and NIH alike)
+                model = GradCAMViT.like(cfg.model_args, CLASS_NAMES, drop_path_rate=cfg.drop_path)
+            if progress:
+                print(f"ablation arm '{name}', seed {seed}: {' '.join(overrides) or 'as configured'}", flush=True)
+            previous = run_dir / "eval" / "report.json"
+            trained = json.loads(previous.read_text()).get("train_minutes") if resume and previous.is_file() else None
+            report = train_and_evaluate(cfg, resume=resume and run_dir.is_dir(), overwrite=overwrite,
+                                        progress=progress, model=model)
+            if trained is not None:  # a finished run, re-scored: its training time is the first one's
+                report["train_minutes"] = trained
+                write_report(report, run_dir / "eval")
+            reports.setdefault(name, {})[seed] = report
+            summary = summarise(reports)
+            write_summary(summary, out_dir)  # after every run: a long ablation stopped early keeps what it measured
     return summary
 
 
-def summarise(reports: Dict[str, Dict], minutes: Dict[str, float]) -> Dict:
-    """One row per arm (and per baseline, from the first arm's report): macro IoU accuracy per T, its mean,
-    macro AUC, minutes; per class, IoU accuracy at T = 0.3 and the mean area of the boxes scored against truth."""
+def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+    """Mean of the figures that exist (None when none does)."""
+    present = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(sum(present) / len(present)) if present else None
+
+
+def _row(locs: Sequence[Dict], aucs: Sequence[Optional[float]], minutes: Sequence[Optional[float]], seeds,
+         baseline: bool) -> Dict:
+    """One table row: figures averaged over the seeds' reports ``locs``, and each seed's T = 0.3 and mean."""
+    return dict(macro={t: _mean([loc["macro"].get(t) for loc in locs]) for t in locs[0]["macro"]},
+                mean=_mean([loc["mean_iou_accuracy"] for loc in locs]),
+                pointing=_mean([loc.get("pointing_macro") for loc in locs]), auc=_mean(aucs),
+                minutes=_mean(minutes), baseline=baseline,
+                per_seed={str(k): dict(at_0_3=loc["macro"].get("0.3"), mean=loc["mean_iou_accuracy"])
+                          for k, loc in zip(seeds, locs)})
+
+
+def _per_class(locs: Sequence[Dict]) -> Dict:
+    """Per class, over the seeds: IoU accuracy at T = 0.3 and the ratio of the mean box areas (scored / truth)."""
+    names = [c for c in locs[0]["accuracy"]]
+    return {c: dict(at_0_3=_mean([loc["accuracy"].get(c, {}).get("0.3") for loc in locs]),
+                    area_ratio=_ratio({k: _mean([loc["box_area"][c][k] for loc in locs if c in loc["box_area"]])
+                                       for k in ("predicted", "truth")}))
+            for c in names}
+
+
+def summarise(reports: Dict[str, Dict[int, Dict]]) -> Dict:
+    """``reports[arm][seed]`` -> one row per arm (and per baseline, from the first arm's reports), averaged over
+    the seeds: macro IoU accuracy per T, its mean, the pointing game, macro AUC, training minutes, and each
+    seed's T = 0.3 and mean; per class, IoU accuracy at T = 0.3 and the box area scored against truth."""
     rows, per_class = {}, {}
-    for name, report in reports.items():
-        loc = report.get("localization")
-        if not loc:
-            raise InputError(f"arm '{name}' has no localization report (no box images in the test set)")
-        rows[name] = dict(macro=loc["macro"], mean=loc["mean_iou_accuracy"], pointing=loc.get("pointing_macro"),
-                          auc=report["classification"]["macro_auc"], minutes=minutes.get(name), baseline=False)
-        per_class[name] = {c: dict(at_0_3=a.get("0.3"), area_ratio=_ratio(loc["box_area"][c]))
-                           for c, a in loc["accuracy"].items()}
+    for name, by_seed in reports.items():
+        seeds = list(by_seed)
+        missing = [k for k, r in by_seed.items() if not r.get("localization")]
+        if missing:
+            raise InputError(f"arm '{name}' has no localization report for seeds {missing} "
+                             f"(no box images in the test set)")
+        locs = [r["localization"] for r in by_seed.values()]
+        rows[name] = _row(locs, [r["classification"]["macro_auc"] for r in by_seed.values()],
+                          [r.get("train_minutes") for r in by_seed.values()], seeds, baseline=False)
+        per_class[name] = _per_class(locs)
     first = next(iter(reports.values()))
     for key, _, label in REPORT_MAPS[1:]:  # the baselines
-        base = first.get(key)
-        if base:
-            label = f"{label} (σ={base['sigma']:g})" if "sigma" in base else label
-            rows[label] = dict(macro=base["macro"], mean=base["mean_iou_accuracy"],
-                               pointing=base.get("pointing_macro"), auc=None, minutes=None, baseline=True)
-            per_class[label] = {c: dict(at_0_3=a.get("0.3"), area_ratio=_ratio(base["box_area"][c]))
-                                for c, a in base["accuracy"].items()}
-    return dict(rows=rows, per_class=per_class)
+        bases = [r[key] for r in first.values() if r.get(key)]
+        if bases:
+            sigmas = sorted({f"{b['sigma']:g}" for b in bases if "sigma" in b})
+            label = f"{label} (σ={'/'.join(sigmas)})" if sigmas else label
+            rows[label] = _row(bases, [None] * len(bases), [None] * len(bases), list(first), baseline=True)
+            per_class[label] = _per_class(bases)
+    return dict(rows=rows, per_class=per_class, seeds=[str(k) for k in first])
 
 
 def _ratio(area: Dict) -> Optional[float]:
-    return area["predicted"] / area["truth"] if area["truth"] > 0 else None
+    if area["predicted"] is None or not area["truth"]:
+        return None
+    return area["predicted"] / area["truth"]
 
 
 _cell = partial(format_figure, missing="–")  # a table cell: "–" where there is no figure
 
 
 def markdown(summary: Dict) -> str:
-    """The ablation as Markdown: the macro table (with the pointing game: peak in box), then IoU accuracy at
-    T = 0.3 per class and arm."""
+    """The ablation as Markdown: the macro table (with the pointing game: peak in box, and each seed's T = 0.3 and
+    mean), then IoU accuracy at T = 0.3 per class and arm; every figure a mean over the seeds."""
     rows = summary["rows"]
+    seeds = summary.get("seeds", [])
     ts = list(next(iter(rows.values()))["macro"])
-    lines = ["| arm | " + " | ".join(f"T={t}" for t in ts) + " | mean | peak in box | macro AUC | minutes |",
-             "|---|" + "---|" * (len(ts) + 4)]
+    lines = [f"Mean over seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}.", "",
+             "| arm | " + " | ".join(f"T={t}" for t in ts) + " | mean | peak in box | macro AUC | train minutes "
+             "| per seed: T=0.3 / mean |", "|---|" + "---|" * (len(ts) + 5)]
     for name, r in rows.items():
         label = f"*{name}*" if r["baseline"] else name
         minutes = f"{r['minutes']:.1f}" if r["minutes"] is not None else "–"
+        per_seed = ", ".join(f"{k}: {_cell(v['at_0_3'])} / {_cell(v['mean'])}" for k, v in r["per_seed"].items())
         lines.append(f"| {label} | " + " | ".join(_cell(r["macro"].get(t)) for t in ts)
-                     + f" | **{_cell(r['mean'])}** | {_cell(r.get('pointing'))} | {_cell(r['auc'])} | {minutes} |")
+                     + f" | **{_cell(r['mean'])}** | {_cell(r.get('pointing'))} | {_cell(r['auc'])} | {minutes} "
+                     f"| {per_seed} |")
     arms = list(summary["per_class"])
     classes = list(next(iter(summary["per_class"].values())))
     lines += ["", "IoU accuracy at T = 0.3 per class (box area of the scored boxes / ground truth in brackets):", "",

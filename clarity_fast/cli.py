@@ -98,7 +98,8 @@ def cmd_ablate(args) -> None:
     print(f"clarity-fast ablate: {len(args.arms or [])  or 'all'} arms of {cfg.model} {cfg.model_args} on "
           f"{cfg.num_train} phantom images, {cfg.epochs} epochs each ({'CPU' if cfg.device == 'cpu' else 'CUDA'}) "
           f"-> {args.output}")
-    summary = run_ablation(cfg, args.output, arms=args.arms, overwrite=args.overwrite)
+    summary = run_ablation(cfg, args.output, arms=args.arms, seeds=args.seeds, resume=args.resume,
+                           overwrite=args.overwrite)
     for name, row in summary["rows"].items():
         print(f"  {name:<36} mean IoU accuracy {row['mean']:.3f}   T=0.3 {row['macro'].get('0.3', float('nan')):.3f}")
     print(f"table: {Path(args.output) / 'ablation.md'}, plot: {Path(args.output) / 'ablation.png'}")
@@ -182,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", **sets)
     p.add_argument("--arms", nargs="+", metavar="ARM", help="arms to run (default: all; see clarity_fast.ablation)")
     p.add_argument("--output", default="runs/ablation", help="folder of the arms and the table (default: %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                   help="train every arm once per seed (phantoms and initialisation) and report the mean and each "
+                        "seed (default: the config's seed)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue interrupted arms and re-score finished ones with the current protocol")
     p.add_argument("--overwrite", action="store_true", help="retrain arms whose folders hold an earlier run")
     p.add_argument("--cpu", action="store_true", help="use the CPU preset even when CUDA is available")
     p.set_defaults(func=cmd_ablate)

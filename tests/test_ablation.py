@@ -26,21 +26,48 @@ def test_ablate_command_all_arms(tmp_path, capsys):
     for name in arms:
         row = summary["rows"][name]
         assert set(row["macro"]) == {"0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7"} and row["minutes"] > 0
+        assert list(row["per_seed"]) == ["0"] and row["per_seed"]["0"]["mean"] == row["mean"]
         assert 0 <= row["auc"] <= 1
     table = (out / "ablation.md").read_text()
     assert all(f"| {name} |" in table for name in arms) and "*random maps*" in table
     assert Image.open(out / "ablation.png").size == (900, 560)
-    full = json.loads((out / "full" / "eval" / "report.json").read_text())  # the arm's own evaluation report
+    full = json.loads((out / "full" / "seed-0" / "eval" / "report.json").read_text())  # the arm's own evaluation report
     assert summary["rows"]["full"]["mean"] == full["localization"]["mean_iou_accuracy"]
     assert summary["rows"]["full"]["auc"] == full["classification"]["macro_auc"]
+    assert summary["rows"]["full"]["pointing"] == full["localization"]["pointing_macro"]
+    assert summary["rows"]["full"]["minutes"] == full["train_minutes"]
     assert summary["rows"][baselines[1]]["macro"] == full["random_baseline"]["macro"]
-    grad = json.loads((out / "1-class-token-grad-cam" / "eval" / "report.json").read_text())
+    grad = json.loads((out / "1-class-token-grad-cam" / "seed-0" / "eval" / "report.json").read_text())
     assert grad["localization"]["num_boxes"] > 0  # Grad-CAM maps went through the same protocol
     # a second run refuses the arms' folders unless told to overwrite
     assert cli.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
 
 
+def test_ablate_seeds_average_and_resume_rescores(tmp_path):
+    """Two seeds: each its own phantoms and run, the row their mean, each seed's figures beside it; --resume
+    trains only the seed that is missing and re-scores the finished one, keeping its training minutes."""
+    out = tmp_path / "ablation"
+    sets = [a for s in SMALL for a in ("--set", s)]
+    assert cli.main(["ablate", "--cpu", "--arms", "full", "--seeds", "3", "--output", str(out)] + sets) == 0
+    first = json.loads((out / "full" / "seed-3" / "eval" / "report.json").read_text())
+    assert cli.main(["ablate", "--cpu", "--arms", "full", "--seeds", "3", "5", "--resume", "--output", str(out)]
+                    + sets) == 0
+    summary = json.loads((out / "ablation.json").read_text())
+    reports = {k: json.loads((out / "full" / f"seed-{k}" / "eval" / "report.json").read_text()) for k in (3, 5)}
+    assert reports[3]["train_minutes"] == first["train_minutes"]
+    assert reports[3]["localization"]["accuracy"] == first["localization"]["accuracy"]  # same weights, re-scored
+    assert reports[5]["localization"]["num_images"] > 0
+    row = summary["rows"]["full"]
+    assert summary["seeds"] == ["3", "5"] and list(row["per_seed"]) == ["3", "5"]
+    means = [reports[k]["localization"]["mean_iou_accuracy"] for k in (3, 5)]
+    assert row["mean"] == pytest.approx(sum(means) / 2)
+    assert [row["per_seed"][k]["mean"] for k in ("3", "5")] == means
+    assert "3: " in (out / "ablation.md").read_text() and "Mean over seeds 3, 5." in (out / "ablation.md").read_text()
+
+
 def test_unknown_arm_is_named(tmp_path):
     with pytest.raises(ValueError, match="unknown ablation arms \\['bogus'\\]"):
         run_ablation(TrainConfig(), tmp_path, arms=["bogus"])
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        run_ablation(TrainConfig(), tmp_path, seeds=[1, 1])
     assert GRADCAM in [name for name, _ in ARMS]
