@@ -4,7 +4,8 @@ Boxes come from Ξ by the one protocol of :mod:`clarity_fast.boxes` (upsample, m
 threshold at ξ(c), largest connected component). ξ(c) is tuned per class on
 one half of the box images (split by patient) and reported on the other half, and the reverse.
 The tuning criterion is the mean IoU accuracy over T = 0.1 … 0.7 by default, or the accuracy at
-one T (``tune_at``); every report states which.
+one T (``tune_at``); every report states which. Ties (all candidates at 0 when no tuning box passes) go
+to the candidate with the highest mean IoU on the tuning fold, not to an arbitrary end of the ξ range.
 """
 from __future__ import annotations
 
@@ -90,11 +91,20 @@ def _iou_table(records: Sequence[BoxRecord], loc_maps: Dict[str, torch.Tensor],
     return table, areas
 
 
+def best_candidate(score: np.ndarray, mean_iou: np.ndarray) -> int:
+    """Index of the ξ candidate with the best tuning ``score``; among tied candidates (e.g. all at 0 when no box
+    of the tuning fold passes), the one with the highest mean IoU on the tuning fold, then the smallest ξ.
+    Both arrays are ``(n_candidates,)``."""
+    tied = np.flatnonzero(score >= score.max() - 1e-12)
+    return int(tied[np.argmax(mean_iou[tied])])
+
+
 def xi_criterion(tune_at: Optional[float]) -> str:
     """The ξ tuning criterion in words, as reports state it."""
+    ties = ", ties to the highest mean IoU"
     if tune_at is None:
-        return "mean IoU accuracy over T = " + ", ".join(f"{t:.1f}" for t in IOU_THRESHOLDS)
-    return f"IoU accuracy at T = {tune_at:.1f}"
+        return "mean IoU accuracy over T = " + ", ".join(f"{t:.1f}" for t in IOU_THRESHOLDS) + ties
+    return f"IoU accuracy at T = {tune_at:.1f}{ties}"
 
 
 def localization_report(records: Sequence[BoxRecord], loc_maps: Dict[str, torch.Tensor], classes: Sequence[str],
@@ -132,7 +142,7 @@ def localization_report(records: Sequence[BoxRecord], loc_maps: Dict[str, torch.
             if tune.any():
                 hits = table[tune][:, :, None] > T  # (records, ξ, T)
                 score = hits.mean(axis=(0, 2)) if tune_at is None else hits[:, :, int(np.argmin(abs(T - tune_at)))].mean(0)
-                best = int(np.argmax(score))
+                best = best_candidate(score, table[tune].mean(0))
             else:
                 best = len(candidates) // 2
             xi[classes[c]] = float(candidates[best])

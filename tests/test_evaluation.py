@@ -96,24 +96,46 @@ def test_report_shows_both_folds_with_their_xi_and_the_criterion(tmp_path):
 
 
 def test_xi_tuning_criterion_at_one_threshold_changes_the_choice():
-    """A map whose core is the box (IoU 1) inside a wide halo (IoU 900/2601 = 0.35): tuned at T=0.3
-    both pass and the first, halo ξ is kept; tuned at T=0.7 (or for the mean over T) the core's ξ wins."""
+    """Every patient has two images of a 30 x 30 box inside a wide 0.3 halo (51 x 51, IoU 900/2601 = 0.35 at
+    ξ <= 0.3). Above the halo, one image's core is the box (IoU 1), the other's a 9 x 9 corner of it (IoU 0.09).
+    Tuned at T=0.3 the halo's ξ passes every box (1.0 against 0.5); tuned at T=0.7, or for the mean over T
+    (3/7 against 1/2), the core's ξ wins."""
     records, maps = [], {}
     for i in range(8):
-        records.append(BoxRecord(f"i{i}", f"p{i}", 0, (10.0, 10.0, 30.0, 30.0), (64, 64)))
+        records.append(BoxRecord(f"i{i}", f"p{i // 2}", 0, (10.0, 10.0, 30.0, 30.0), (64, 64)))
         m = torch.zeros(1, 64, 64)
         m[0, 0:51, 0:51] = 0.3
-        m[0, 10:40, 10:40] = 1.0
+        (m[0, 10:40, 10:40] if i % 2 == 0 else m[0, 10:19, 10:19]).fill_(1.0)
         maps[f"i{i}"] = m
     at_03 = localization_report(records, maps, ["A"], tune_at=0.3)
-    assert all(f["xi"]["A"] == 0.05 for f in at_03["folds"]) and at_03["accuracy"]["A"]["0.7"] == 0.0
+    assert all(f["xi"]["A"] == 0.05 for f in at_03["folds"]) and at_03["accuracy"]["A"]["0.3"] == 1.0
+    assert at_03["accuracy"]["A"]["0.7"] == 0.0
     at_07 = localization_report(records, maps, ["A"], tune_at=0.7)
-    assert all(f["xi"]["A"] == 0.35 for f in at_07["folds"]) and at_07["accuracy"]["A"]["0.7"] == 1.0
+    assert all(f["xi"]["A"] == 0.35 for f in at_07["folds"]) and at_07["accuracy"]["A"]["0.7"] == 0.5
     default = localization_report(records, maps, ["A"])
     assert all(f["xi"]["A"] == 0.35 for f in default["folds"])
-    assert at_07["xi_criterion"] == "IoU accuracy at T = 0.7"
+    assert at_07["xi_criterion"] == "IoU accuracy at T = 0.7, ties to the highest mean IoU"
     with pytest.raises(ValueError, match="tune_at must be one of"):
         localization_report(records, maps, ["A"], tune_at=0.33)
+
+
+def test_xi_ties_go_to_the_highest_mean_iou():
+    """No box passes any T at any ξ: a 0.2 plateau over the image (IoU 64/3600), a 0.6 square around the 8 x 8
+    box (IoU 64/900) and a 1.0 spot away from it (IoU 0). All ξ tie at accuracy 0; the square's ξ (the first
+    above 0.2, i.e. 0.25) has the highest mean IoU and is chosen, so the scored box is the square's."""
+    records, maps = [], {}
+    for i in range(6):
+        records.append(BoxRecord(f"i{i}", f"p{i}", 0, (10.0, 10.0, 8.0, 8.0), (60, 60)))
+        m = torch.zeros(1, 60, 60)
+        m[0] = 0.2
+        m[0, 0:30, 0:30] = 0.6
+        m[0, 44:48, 44:48] = 1.0
+        m[0, 0, 59] = 0.0  # the minimum, so min-max normalisation keeps the levels
+        maps[f"i{i}"] = m
+    rep = localization_report(records, maps, ["A"])
+    assert all(f["xi"]["A"] == 0.25 for f in rep["folds"])
+    assert all(v == 0.0 for v in rep["accuracy"]["A"].values())
+    assert rep["box_area"]["A"]["predicted"] == 900.0 and rep["box_area"]["A"]["truth"] == 64.0
 
 
 def test_out_of_fold_xi_is_the_one_each_record_was_scored_with():
