@@ -3,7 +3,9 @@
 Each arm is the demo's configuration (or any base config) with one change; every arm is trained on the same
 phantom images with the same budget and scored by the same localization protocol (same ξ tuning, same folds).
 The prior-only and random baselines come with the full model's report. Results: ``ablation.json``,
-``ablation.md`` (one table) and ``ablation.png`` (IoU accuracy against T, one line per arm, baselines dashed).
+``ablation.md`` (one table) and ``ablation.png`` (IoU accuracy against T, one line per arm, baselines dashed),
+and ``ablation_auc_pointing.png``: per class and seed, the class's AUC against how often its map peaks in the box
+(does a map find the lesion where the class token learned the class?).
 """
 from __future__ import annotations
 
@@ -14,9 +16,12 @@ from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
+
 from .errors import InputError
 from .evaluation import REPORT_MAPS, format_figure, json_safe, write_report
 from .files import write_text_atomic
+from .pathologies import SMALL_LESIONS
 from .training import TrainConfig, load_config
 
 GRADCAM = "1 class token + Grad-CAM"
@@ -116,8 +121,9 @@ def _per_class(locs: Sequence[Dict]) -> Dict:
 def summarise(reports: Dict[str, Dict[int, Dict]]) -> Dict:
     """``reports[arm][seed]`` -> one row per arm (and per baseline, from the first arm's reports), averaged over
     the seeds: macro IoU accuracy per T, its mean, the pointing game, macro AUC, training minutes, and each
-    seed's T = 0.3 and mean; per class, IoU accuracy at T = 0.3 and the box area scored against truth."""
-    rows, per_class = {}, {}
+    seed's T = 0.3 and mean; per class, IoU accuracy at T = 0.3 and the box area scored against truth; per arm,
+    seed and class, AUC and peak in box (``classes``) and how they go together (``auc_and_pointing``)."""
+    rows, per_class, classes = {}, {}, {}
     for name, by_seed in reports.items():
         seeds = list(by_seed)
         missing = [k for k, r in by_seed.items() if not r.get("localization")]
@@ -128,6 +134,7 @@ def summarise(reports: Dict[str, Dict[int, Dict]]) -> Dict:
         rows[name] = _row(locs, [r["classification"]["macro_auc"] for r in by_seed.values()],
                           [r.get("train_minutes") for r in by_seed.values()], seeds, baseline=False)
         per_class[name] = _per_class(locs)
+        classes[name] = {str(k): _class_points(r) for k, r in by_seed.items()}
     first = next(iter(reports.values()))
     for key, _, label in REPORT_MAPS[1:]:  # the baselines
         bases = [r[key] for r in first.values() if r.get(key)]
@@ -136,7 +143,47 @@ def summarise(reports: Dict[str, Dict[int, Dict]]) -> Dict:
             label = f"{label} (σ={'/'.join(sigmas)})" if sigmas else label
             rows[label] = _row(bases, [None] * len(bases), [None] * len(bases), list(first), baseline=True)
             per_class[label] = _per_class(bases)
-    return dict(rows=rows, per_class=per_class, seeds=[str(k) for k in first])
+    return dict(rows=rows, per_class=per_class, classes=classes, auc_and_pointing=auc_and_pointing(classes),
+                seeds=[str(k) for k in first])
+
+
+def _class_points(report: Dict) -> Dict[str, Dict]:
+    """Per class with boxes in one run's report: its AUC, peak in box, IoU accuracy at T = 0.3 and box area ratio."""
+    loc, auc = report["localization"], report["classification"]["auc"]
+    return {c: dict(auc=auc.get(c), pointing=loc["pointing"][c], at_0_3=loc["accuracy"][c]["0.3"],
+                    area_ratio=_ratio(loc["box_area"][c])) for c in loc["pointing"]}
+
+
+def _has_auc(point: Dict) -> bool:
+    return point["auc"] is not None and not math.isnan(point["auc"])
+
+
+AUC_BANDS = (0.9, 0.75, 0.0)  # lower edges of the bands of class AUC: >= 0.9, 0.75 to 0.9, below 0.75
+FOUND = 0.5  # a class's map "finds" its lesions when it peaks in the box on at least this fraction of them
+
+
+def auc_and_pointing(classes: Dict[str, Dict[str, Dict]]) -> Dict[str, Dict]:
+    """``classes[arm][seed][class]`` (see :func:`_class_points`) -> per arm, over its (seed, class) pairs with an
+    AUC: Spearman's ρ between class AUC and peak in box; per band of :data:`AUC_BANDS` the number of pairs and
+    their mean peak in box; and for :data:`SMALL_LESIONS`, the number of pairs and their median box area ratio
+    (scored / truth) where the map finds the lesions (peak in box ≥ :data:`FOUND`) and where it does not."""
+    from scipy.stats import spearmanr
+    out = {}
+    for arm, by_seed in classes.items():
+        points = [(c, p) for per_class in by_seed.values() for c, p in per_class.items() if _has_auc(p)]
+        auc = [p["auc"] for _, p in points]
+        pointing = [p["pointing"] for _, p in points]
+        in_band = [next(i for i, low in enumerate(AUC_BANDS) if x >= low) for x in auc]
+        bands = [dict(low=low, count=in_band.count(i), pointing=_mean([y for b, y in zip(in_band, pointing) if b == i]))
+                 for i, low in enumerate(AUC_BANDS)]
+        small = [p for c, p in points if c in SMALL_LESIONS and p["area_ratio"] is not None]
+        found = [p["area_ratio"] for p in small if p["pointing"] >= FOUND]
+        missed = [p["area_ratio"] for p in small if p["pointing"] < FOUND]
+        out[arm] = dict(count=len(points), bands=bands,
+                        spearman=float(spearmanr(auc, pointing)[0]) if len(points) > 2 else float("nan"),
+                        small_found=dict(count=len(found), area_ratio=float(np.median(found)) if found else None),
+                        small_missed=dict(count=len(missed), area_ratio=float(np.median(missed)) if missed else None))
+    return out
 
 
 def _ratio(area: Dict) -> Optional[float]:
@@ -174,11 +221,30 @@ def markdown(summary: Dict) -> str:
             v = summary["per_class"][a].get(c, {})
             cells.append(f"{_cell(v.get('at_0_3'))} ({_cell(v.get('area_ratio'))}×)" if v else "–")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + _auc_and_pointing_lines(summary["auc_and_pointing"])) + "\n"
+
+
+def _auc_and_pointing_lines(analysis: Dict[str, Dict]) -> List[str]:
+    """The table of :func:`auc_and_pointing`, one row per arm."""
+    bands = ["AUC ≥ 0.9" if i == 0 else f"AUC {low:g}–{AUC_BANDS[i - 1]:g}" for i, low in enumerate(AUC_BANDS)]
+    bands[-1] = f"AUC < {AUC_BANDS[-2]:g}"
+    lines = ["Does a map find the lesions of the classes its token learned? Per (seed, class): the class's AUC "
+             f"against its peak in box (plot: ablation_auc_pointing.png). Mean peak in box per AUC band (pairs); for "
+             f"the small lesions ({', '.join(SMALL_LESIONS)}), the median box area / truth where the map finds them "
+             f"(peak in box ≥ {FOUND:g}) and where it does not (pairs).", "",
+             "| arm | pairs | Spearman ρ | " + " | ".join(f"peak in box, {b}" for b in bands)
+             + " | small lesions found: box area / truth | not found |", "|---|" + "---|" * (len(bands) + 4)]
+    for arm, a in analysis.items():
+        cells = [f"{_cell(b['pointing'])} ({b['count']})" for b in a["bands"]]
+        found, missed = a["small_found"], a["small_missed"]
+        lines.append(f"| {arm} | {a['count']} | {_cell(a['spearman'])} | " + " | ".join(cells)
+                     + f" | {_cell(found['area_ratio'])}× ({found['count']}) | {_cell(missed['area_ratio'])}× "
+                     f"({missed['count']}) |")
+    return lines
 
 
 def write_summary(summary: Dict, out_dir: Union[str, Path]) -> None:
-    """``ablation.json``, ``ablation.md`` and ``ablation.png`` in ``out_dir``."""
+    """``ablation.json``, ``ablation.md``, ``ablation.png`` and ``ablation_auc_pointing.png`` in ``out_dir``."""
     from .viz import line_plot
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,3 +254,10 @@ def write_summary(summary: Dict, out_dir: Union[str, Path]) -> None:
                    dashed=r["baseline"]) for name, r in summary["rows"].items()]  # PIL's default font has no σ
     line_plot(series, out_dir / "ablation.png", "IoU accuracy against T (macro over classes; same protocol)",
               "IoU threshold T", "IoU accuracy", ylim=(0.0, 1.0))
+    points = []
+    for arm, by_seed in summary["classes"].items():
+        pairs = [p for per_class in by_seed.values() for p in per_class.values() if _has_auc(p)]
+        points.append(dict(name=arm, line=False, x=[p["auc"] for p in pairs], y=[p["pointing"] for p in pairs]))
+    lowest = min([3] + [math.floor(x * 10) for p in points for x in p["x"]])  # x axis from 0.3, or lower if needed
+    line_plot(points, out_dir / "ablation_auc_pointing.png", "Per class and seed: does the map find what the token "
+              "learned?", "class AUC", "peak in box", xticks=[k / 10 for k in range(lowest, 11)], ylim=(0.0, 1.0))

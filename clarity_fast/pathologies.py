@@ -21,6 +21,10 @@ REGION_NAMES: Tuple[str, ...] = (
 # the 8 classes with radiologist boxes in NIH ChestX-ray14
 BOX_CLASSES: Tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
                                 "Pneumonia", "Pneumothorax")
+# findings whose lesions are much smaller than their anatomical region: only a box of the lesion's own size
+# scores on them, so they test localization beyond the prior
+SMALL_LESIONS: Tuple[str, ...] = ("Atelectasis", "Consolidation", "Fibrosis", "Infiltration", "Mass", "Nodule",
+                                  "Pleural_Thickening", "Pneumonia", "Pneumothorax")
 
 
 def default_class_names(num_classes: int) -> Tuple[str, ...]:

@@ -111,14 +111,17 @@ def _dashed_line(draw: ImageDraw.ImageDraw, points, color, width: int = 2, dash:
 
 
 def line_plot(series: Sequence[dict], path: Union[str, Path], title: str, xlabel: str, ylabel: str,
-              ylim: Optional[Sequence[float]] = None, size: Sequence[int] = (900, 560)) -> Path:
-    """A PNG line chart. ``series``: dicts with ``name``, ``x``, ``y`` and optionally ``dashed`` (baselines)
-    and ``color``; the legend lists them in order."""
+              xticks: Optional[Sequence[float]] = None, ylim: Optional[Sequence[float]] = None,
+              size: Sequence[int] = (900, 560)) -> Path:
+    """A PNG line chart. ``series``: dicts with ``name``, ``x``, ``y`` and optionally ``dashed`` (baselines),
+    ``line`` (False: points only, a scatter plot) and ``color``; the legend lists them in order. The x axis
+    spans ``xticks`` (default: a tick at every x of the data)."""
     W, H = size
     left, right, top, bottom = 70, 260, 40, 60
     xs = [x for s in series for x in s["x"]]
     ys = [y for s in series for y in s["y"] if y == y]
-    x0, x1 = min(xs), max(xs)
+    xticks = sorted(set(xs)) if xticks is None else list(xticks)
+    x0, x1 = min(xticks), max(xticks)
     y0, y1 = ylim if ylim is not None else (min(0.0, min(ys)), max(ys) * 1.05 or 1.0)
     im = Image.new("RGB", (W, H), (255, 255, 255))
     draw = ImageDraw.Draw(im)
@@ -132,7 +135,7 @@ def line_plot(series: Sequence[dict], path: Union[str, Path], title: str, xlabel
         px = to_px(x0, y)
         draw.line([(left, px[1]), (W - right, px[1])], fill=(225, 225, 225))
         draw.text((left - 45, px[1] - 6), f"{y:.2f}", fill=(60, 60, 60))
-    for x in sorted(set(xs)):
+    for x in xticks:
         px = to_px(x, y0)
         draw.line([(px[0], H - bottom), (px[0], H - bottom + 5)], fill=(60, 60, 60))
         draw.text((px[0] - 10, H - bottom + 8), f"{x:g}", fill=(60, 60, 60))
@@ -143,12 +146,14 @@ def line_plot(series: Sequence[dict], path: Union[str, Path], title: str, xlabel
     for i, s in enumerate(series):
         color = tuple(s.get("color", PALETTE[i % len(PALETTE)]))
         points = [to_px(x, y) for x, y in zip(s["x"], s["y"]) if y == y]
-        if len(points) > 1:
+        if len(points) > 1 and s.get("line", True):
             (_dashed_line if s.get("dashed") else lambda d, p, c: d.line(p, fill=c, width=2))(draw, points, color)
         for px in points:
             draw.ellipse([px[0] - 3, px[1] - 3, px[0] + 3, px[1] + 3], fill=color)
         ly = top + 8 + 18 * i
-        if s.get("dashed"):
+        if not s.get("line", True):
+            draw.ellipse([W - right + 23, ly + 3, W - right + 29, ly + 9], fill=color)
+        elif s.get("dashed"):
             _dashed_line(draw, [(W - right + 12, ly + 6), (W - right + 40, ly + 6)], color, dash=5)
         else:
             draw.line([(W - right + 12, ly + 6), (W - right + 40, ly + 6)], fill=color, width=2)

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from clarity_fast import cli
-from clarity_fast.ablation import ARMS, GRADCAM, run_ablation
+from clarity_fast.ablation import ARMS, GRADCAM, auc_and_pointing, run_ablation
 from clarity_fast.training import TrainConfig
 
 pytest.importorskip("pytorch_grad_cam")
@@ -31,7 +31,15 @@ def test_ablate_command_all_arms(tmp_path, capsys):
     table = (out / "ablation.md").read_text()
     assert all(f"| {name} |" in table for name in arms) and "*random maps*" in table
     assert Image.open(out / "ablation.png").size == (900, 560)
+    assert Image.open(out / "ablation_auc_pointing.png").size == (900, 560)
     full = json.loads((out / "full" / "seed-0" / "eval" / "report.json").read_text())  # the arm's own evaluation report
+    points = summary["classes"]["full"]["0"]  # per class: the figures of the arm's own report
+    assert set(points) == set(full["localization"]["pointing"]) and points
+    for c, p in points.items():
+        assert p["auc"] == full["classification"]["auc"][c] and p["pointing"] == full["localization"]["pointing"][c]
+        assert p["at_0_3"] == full["localization"]["accuracy"][c]["0.3"]
+    assert set(summary["auc_and_pointing"]) == set(arms)
+    assert "| full | " in table.split("Does a map find")[1]
     assert summary["rows"]["full"]["mean"] == full["localization"]["mean_iou_accuracy"]
     assert summary["rows"]["full"]["auc"] == full["classification"]["macro_auc"]
     assert summary["rows"]["full"]["pointing"] == full["localization"]["pointing_macro"]
@@ -63,6 +71,27 @@ def test_ablate_seeds_average_and_resume_rescores(tmp_path):
     assert row["mean"] == pytest.approx(sum(means) / 2)
     assert [row["per_seed"][k]["mean"] for k in ("3", "5")] == means
     assert "3: " in (out / "ablation.md").read_text() and "Mean over seeds 3, 5." in (out / "ablation.md").read_text()
+
+
+def test_auc_and_pointing_on_known_figures():
+    """Spearman's ρ, the AUC bands and the small lesions' box areas, on figures worked out by hand."""
+    nan = float("nan")
+
+    def point(auc, pointing, area_ratio):
+        return dict(auc=auc, pointing=pointing, at_0_3=0.0, area_ratio=area_ratio)
+    classes = {"arm": {
+        "0": {"Nodule": point(0.95, 0.9, 1.5), "Mass": point(0.8, 0.6, 2.5), "Fibrosis": point(0.6, 0.1, 10.0),
+              "Cardiomegaly": point(1.0, 1.0, 1.2), "Effusion": point(0.9, 0.85, 3.0), "Hernia": point(nan, 0.0, 9.0)},
+        "1": {"Nodule": point(0.7, 0.2, 20.0)}}}
+    a = auc_and_pointing(classes)["arm"]
+    assert a["count"] == 6  # Hernia has no AUC
+    assert a["spearman"] == pytest.approx(1.0)  # the pointing rises with the AUC, pair by pair
+    assert [b["count"] for b in a["bands"]] == [3, 1, 2]  # AUC 0.9 belongs to the top band
+    assert [b["pointing"] for b in a["bands"]] == pytest.approx([(0.85 + 0.9 + 1.0) / 3, 0.6, 0.15])
+    assert a["small_found"] == {"count": 2, "area_ratio": pytest.approx(2.0)}  # Nodule (seed 0), Mass
+    assert a["small_missed"] == {"count": 2, "area_ratio": pytest.approx(15.0)}  # Fibrosis, Nodule (seed 1)
+    classes["arm"]["1"]["Nodule"] = point(0.7, 0.95, 20.0)  # a map that finds what its token barely learned
+    assert auc_and_pointing(classes)["arm"]["spearman"] < 0.9
 
 
 def test_unknown_arm_is_named(tmp_path):
