@@ -1,4 +1,6 @@
 """The built-in phantom data set (SPEC §5)."""
+import math
+
 import torch
 
 from clarity_fast.pathologies import CLASS_NAMES, REGION_NAMES
@@ -15,7 +17,9 @@ def test_deterministic_from_seed():
 
 
 def test_boxes_inside_image_and_their_class_region():
-    ds = PhantomDataset(120, 128, patch_size=16, seed=1)
+    """Every box lies inside its class's anatomical prior at the demo's grid (8-px patches), all but a cell or
+    two of the mediastinum where a box spans both lungs (Emphysema): the priors never hide a lesion."""
+    ds = PhantomDataset(120, 128, patch_size=8, seed=1)
     seen = set()
     for i in range(len(ds)):
         s = ds[i]
@@ -23,8 +27,8 @@ def test_boxes_inside_image_and_their_class_region():
         assert set(torch.nonzero(s["labels"]).flatten().tolist()) == set(s["boxes"][:, 0].long().tolist())
         for c, x, y, w, h in s["boxes"].tolist():
             assert 0 <= x and 0 <= y and x + w <= 128 and y + h <= 128 and w > 0 and h > 0
-            cx, cy = int((x + w / 2) // 16), int((y + h / 2) // 16)
-            assert s["masks"][int(c), cy, cx], f"{CLASS_NAMES[int(c)]} box centre outside its prior"
+            cells = s["masks"][int(c), int(y // 8):int(math.ceil((y + h) / 8)), int(x // 8):int(math.ceil((x + w) / 8))]
+            assert cells.numel() and cells.float().mean() >= 0.99, f"{CLASS_NAMES[int(c)]} box outside its prior"
             seen.add(int(c))
     assert seen == set(range(14)), f"classes never drawn: {set(range(14)) - seen}"
 
