@@ -76,6 +76,10 @@ def cmd_eval(args) -> None:
     model, cfg = _load_model(args)
     out_dir = Path(args.output or Path(args.checkpoint) / "eval")
     _print_summary(experiment.evaluate(model, cfg, out_dir), out_dir, stem="eval_report")
+    if args.readout:
+        macro = experiment.readout(model, cfg, out_dir)["pointing_macro"]
+        print("pointing game (macro): " + ", ".join(f"{k} {v:.3f}" for k, v in macro.items())
+              + f"; per class: {out_dir / 'readout.md'}")
 
 
 def cmd_predict(args) -> None:
@@ -160,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (default: the run folder's config.yaml)")
     p.add_argument("--set", **sets)
     p.add_argument("--output", help="report folder (default: <checkpoint>/eval; writes eval_report.*)")
+    p.add_argument("--readout", action="store_true",
+                   help="also fit a box-supervised linear readout of the last block's patch tokens and write "
+                        "readout.{json,md,png}: where the features could point against where the maps point")
     p.add_argument("--raw-weights", **weights)
     p.add_argument("--device", **device)
     p.set_defaults(func=cmd_eval)

@@ -178,6 +178,16 @@ def evaluate(model: Clarity, cfg: TrainConfig, out_dir: PathLike, progress: bool
                           device=next(model.parameters()).device, stem="eval_report")
 
 
+def readout(model: Clarity, cfg: TrainConfig, out_dir: PathLike, progress: bool = True) -> Dict:
+    """What the tokens know against what the maps show, on the config's held-out set: writes
+    ``readout.{json,md,png}`` into ``out_dir`` (see :mod:`clarity_fast.readout`) and returns the report."""
+    from .readout import readout_report, write_readout
+    _, test_set = build_datasets(cfg, progress, train=False)
+    report = readout_report(model, test_set, device=next(model.parameters()).device, progress=progress)
+    write_readout(report, out_dir)
+    return report
+
+
 @torch.no_grad()
 def teacher_logits(cfg: TrainConfig, model_name: str, output: PathLike, checkpoint: Optional[PathLike] = None,
                    batch_size: int = 32, progress: bool = True) -> int:

@@ -1,0 +1,91 @@
+"""The box-supervised readout: cell targets by the pointing game's own rule, a logistic fit that finds a planted
+signal and only that, and pointing figures on records whose answers are known."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from clarity_fast import cli
+from clarity_fast.boxes import peak_in_box
+from clarity_fast.evaluation import BoxRecord, localization_report, roc_auc
+from clarity_fast.readout import box_cells, fit_logistic, pointing_hits
+
+
+def one_hot(grid, cell):
+    m = torch.zeros(grid)
+    m[cell] = 1.0
+    return m
+
+
+@pytest.mark.parametrize("grid,size", [((16, 16), (128, 128)), ((5, 7), (80, 91))])
+def test_box_cells_follow_peak_in_box(grid, size):
+    rng = np.random.default_rng(0)
+    boxes = [(8.0, 0.0, 8.0, 8.0), (0.0, 0.0, size[1], size[0])]  # one on cell edges, one the whole image
+    boxes += [tuple(float(v) for v in (rng.uniform(0, size[1] - 9), rng.uniform(0, size[0] - 9),
+                                       rng.uniform(1, 9), rng.uniform(1, 9))) for _ in range(20)]
+    for box in boxes:
+        record = BoxRecord("a", "p", 0, box, size)
+        cells = box_cells(record, grid)
+        truth = np.array([[peak_in_box(one_hot(grid, (i, j)), size, box) for j in range(grid[1])]
+                          for i in range(grid[0])])
+        np.testing.assert_array_equal(cells, truth)
+    if grid == (16, 16):  # the edge-aligned box covers exactly one cell
+        assert box_cells(BoxRecord("a", "p", 0, boxes[0], size), grid).sum() == 1
+
+
+def test_fit_logistic_finds_a_planted_signal_and_nothing_else():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 12, generator=g)
+    y = (torch.rand(2000, generator=g) < 0.1).float()
+    x[:, 3] += 3.0 * y  # the signal: one feature, positives only
+    fitted = fit_logistic(x[:1000], y[:1000])
+    auc = roc_auc(fitted(x[1000:]).detach().numpy(), y[1000:].numpy())
+    assert auc > 0.95
+    noise = fit_logistic(x[:1000, [0, 1, 2, 4, 5]], y[:1000])  # the signal's column left out
+    assert abs(roc_auc(noise(x[1000:, [0, 1, 2, 4, 5]]).detach().numpy(), y[1000:].numpy()) - 0.5) < 0.1
+    with pytest.raises(ValueError, match="both classes"):
+        fit_logistic(x[:10], torch.zeros(10))
+
+
+def test_pointing_hits_on_known_answers():
+    """Class 0: a lesion at a random cell that the tokens carry (feature 0) and the maps miss; class 1: always in
+    the same cell, tokens carry nothing. The readout must find class 0, position only class 1."""
+    rng = np.random.default_rng(1)
+    grid, size, D = (4, 4), (32, 32), 6
+    records, tokens, loc_maps = [], {}, {}
+    for k in range(40):
+        key = f"img{k}"
+        lesion = int(rng.integers(16))
+        t = torch.from_numpy(rng.normal(size=(16, D))).float()
+        t[lesion, 0] += 5.0
+        tokens[key] = t
+        loc_maps[key] = torch.from_numpy(rng.random((2, *grid))).float()
+        row, col = divmod(lesion, 4)
+        records.append(BoxRecord(key, f"p{k // 2}", 0, (col * 8 + 2.0, row * 8 + 2.0, 4.0, 4.0), size))
+        records.append(BoxRecord(key, f"p{k // 2}", 1, (26.0, 2.0, 4.0, 4.0), size))  # cell (0, 3)
+    hits = pointing_hits(records, loc_maps, tokens, num_classes=2)
+    cls = np.array([r.class_index for r in records])
+    assert hits["readout"][cls == 0].all()
+    assert hits["position"][cls == 1].all()
+    assert hits["position"][cls == 0].mean() < 0.3  # a random cell: about 1 in 16
+    expected = [peak_in_box(loc_maps[r.image_id][r.class_index], r.image_size, r.box) for r in records]
+    np.testing.assert_array_equal(hits["maps"], expected)
+    report = localization_report(records, loc_maps, ["a", "b"])  # its own pointing, computed independently
+    assert report["pointing"]["a"] == pytest.approx(hits["maps"][cls == 0].mean())
+
+
+def test_cli_eval_readout(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--set", "model_args={img_size: 64, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, "
+            "num_map_layers: 2, num_oct_layers: 2, in_chans: 1}", "--set", "num_train=16", "--set", "num_val=40",
+            "--set", "epochs=1", "--set", "batch_size=8", "--set", f"output_dir={run}", "--set", "device=cpu"]
+    assert cli.main(args) == 0
+    assert cli.main(["eval", str(run), "--output", str(tmp_path / "ev"), "--readout"]) == 0
+    assert "pointing game (macro): maps" in capsys.readouterr().out
+    readout = json.loads((tmp_path / "ev" / "readout.json").read_text())
+    report = json.loads((tmp_path / "ev" / "eval_report.json").read_text())
+    assert readout["pointing"]["maps"] == pytest.approx(report["localization"]["pointing"])
+    assert set(readout["pointing"]) == {"maps", "readout", "position"}
+    assert (tmp_path / "ev" / "readout.png").exists()
+    assert "| **macro** |" in (tmp_path / "ev" / "readout.md").read_text()
