@@ -21,10 +21,10 @@ from .evaluation import BoxRecord, check_classes, format_figure, json_safe, pati
 from .files import write_text_atomic
 
 MAP_KINDS: Tuple[Tuple[str, str], ...] = (
-    ("maps", "maps Xi (image labels only)"),
-    ("readout", "linear readout of the tokens (box-supervised)"),
-    ("position", "position only (box frequency)"),
-)
+    ("maps", "maps Xi (labels only)"),
+    ("readout", "token readout (boxes)"),
+    ("position", "position only (boxes)"),
+)  # (key, name in tables and legends: at most 25 characters)
 
 
 def box_cells(record: BoxRecord, grid: Tuple[int, int]) -> np.ndarray:
