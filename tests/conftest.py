@@ -36,3 +36,11 @@ def tiny_model(**kwargs):
                 num_map_layers=2, num_oct_layers=2)
     args.update(kwargs)
     return Clarity(**args)
+
+
+def tiny_train_args(run, num_val: int = 12) -> list:
+    """``clarity-fast train`` arguments for a one-epoch run of a tiny model on 16 phantoms into ``run``."""
+    return ["train", "--set", "model_args={img_size: 64, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, "
+            "num_map_layers: 2, num_oct_layers: 2, in_chans: 1}", "--set", "num_train=16", "--set",
+            f"num_val={num_val}", "--set", "epochs=1", "--set", "batch_size=8", "--set", f"output_dir={run}",
+            "--set", "device=cpu"]

@@ -10,6 +10,7 @@ from clarity_fast import cli
 from clarity_fast.boxes import peak_in_box
 from clarity_fast.evaluation import BoxRecord, localization_report, roc_auc
 from clarity_fast.readout import box_cells, fit_logistic, pointing_hits
+from conftest import tiny_train_args
 
 
 def one_hot(grid, cell):
@@ -77,10 +78,7 @@ def test_pointing_hits_on_known_answers():
 
 def test_cli_eval_readout(tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["train", "--set", "model_args={img_size: 64, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, "
-            "num_map_layers: 2, num_oct_layers: 2, in_chans: 1}", "--set", "num_train=16", "--set", "num_val=40",
-            "--set", "epochs=1", "--set", "batch_size=8", "--set", f"output_dir={run}", "--set", "device=cpu"]
-    assert cli.main(args) == 0
+    assert cli.main(tiny_train_args(run, num_val=40)) == 0
     assert cli.main(["eval", str(run), "--output", str(tmp_path / "ev"), "--readout"]) == 0
     assert "pointing game (macro): maps" in capsys.readouterr().out
     readout = json.loads((tmp_path / "ev" / "readout.json").read_text())

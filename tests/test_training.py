@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from clarity_fast import cli
+from conftest import tiny_train_args
 from clarity_fast.data import InMemoryDataset
 from clarity_fast.phantom import PhantomDataset
 from clarity_fast.training import (TrainConfig, Trainer, latest_checkpoint, load_config, load_model_weights,
@@ -38,7 +39,8 @@ def test_config_round_trip_and_override_errors(tmp_path):
     assert load_config(tmp_path / "c.yaml") == cfg
     for bad, match in (("bogus=1", "unknown config key 'bogus'"), ("loss.lambda_x=1", "unknown loss keys"),
                        ("model_args.width=3", "unknown model_args keys"), ("epochs=abc", "must be an integer >= 1"),
-                       ("epochs", "key=value"), ("amp=3", "true or false"), ("dataset=imagenet", "'dataset' must be 'phantom' or 'nih'")):
+                       ("epochs", "key=value"), ("amp=3", "true or false"),
+                       ("dataset=imagenet", "'dataset' must be 'phantom' or 'nih'")):
         with pytest.raises(ValueError, match=match):
             load_config(None, [bad])
 
@@ -145,10 +147,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_cli_train_then_eval_round_trip(tmp_path, capsys):
     run = tmp_path / "cli_run"
-    args = ["train", "--set", "model_args={img_size: 64, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, "
-            "num_map_layers: 2, num_oct_layers: 2, in_chans: 1}", "--set", "num_train=16", "--set", "num_val=12",
-            "--set", "epochs=1", "--set", "batch_size=8", "--set", f"output_dir={run}", "--set", "device=cpu"]
-    assert cli.main(args) == 0
+    assert cli.main(tiny_train_args(run)) == 0
     assert "Macro AUC" in capsys.readouterr().out
     assert cli.main(["eval", str(run), "--output", str(tmp_path / "again")]) == 0
     report = __import__("json").loads((tmp_path / "again" / "eval_report.json").read_text())
