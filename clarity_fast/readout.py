@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .boxes import peak_in_box
+from .errors import InputError
 from .evaluation import BoxRecord, check_classes, format_figure, json_safe, patient_folds, run_model
 from .files import write_text_atomic
 
@@ -44,7 +45,7 @@ def fit_logistic(features: torch.Tensor, targets: torch.Tensor, weight_decay: fl
     with positives and negatives weighted to equal total weight. ``targets (n,)`` in {0, 1}, both present."""
     x, y = features.double(), targets.double()
     if not (0 < y.sum() < len(y)):
-        raise ValueError(f"targets need both classes, got {int(y.sum())} positives of {len(y)}")
+        raise InputError(f"targets need both classes, got {int(y.sum())} positives of {len(y)}")
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     linear = torch.nn.Linear(x.shape[1], 1).double()
     torch.nn.init.zeros_(linear.weight)
@@ -91,6 +92,7 @@ def patch_tokens(model: torch.nn.Module, images: Dict[str, torch.Tensor], batch_
     return out
 
 
+@torch.no_grad()
 def pointing_hits(records: Sequence[BoxRecord], loc_maps: Dict[str, torch.Tensor], tokens: Dict[str, torch.Tensor],
                   num_classes: int, seed: int = 0) -> Dict[str, np.ndarray]:
     """Per kind of :data:`MAP_KINDS`, a bool per record: does that map peak in the record's box? The readout and
@@ -133,7 +135,7 @@ def readout_report(model: torch.nn.Module, dataset, batch_size: int = 32, device
     res = run_model(model, dataset, batch_size, device, progress=progress)
     records: List[BoxRecord] = res["records"]
     if not records:
-        raise ValueError("the data set has no box images: nothing to point at")
+        raise InputError("the data set has no box images: nothing to point at")
     tokens = patch_tokens(model, res["images"], batch_size)
     hits = pointing_hits(records, res["loc_maps"], tokens, len(classes), seed)
     cls = np.array([r.class_index for r in records])
