@@ -81,8 +81,11 @@ class ClarityLoss(nn.Module):
     def __init__(self, lambda_cls: float = 1.0, lambda_kd: float = 1.0, lambda_oct: float = 0.1,
                  lambda_prx: float = 0.5, lambda_cnf: float = 0.5, lambda_ac: float = 0.1,
                  lambda_bas: float = 0.5, oct_mode: str = "oct", kd_temperature: float = 1.0,
-                 eps: float = 1e-6, validate: bool = True, validate_every: int = 25) -> None:
+                 cls_pos_weight: float = 1.0, eps: float = 1e-6, validate: bool = True,
+                 validate_every: int = 25) -> None:
         super().__init__()
+        if not cls_pos_weight > 0:
+            raise InputError(f"cls_pos_weight must be > 0, got {cls_pos_weight}")
         if validate_every < 1:
             raise InputError(f"validate_every must be >= 1, got {validate_every}")
         if oct_mode not in OCT_MODES:
@@ -93,6 +96,7 @@ class ClarityLoss(nn.Module):
                             ac=lambda_ac, bas=lambda_bas)
         self.oct_mode = oct_mode
         self.kd_temperature = kd_temperature
+        self.cls_pos_weight = cls_pos_weight
         self.validate, self.validate_every = validate, validate_every
         self.segmentcam = SegmentCAMLoss(eps=eps, from_logits=True, validate=False)
         self._invalid: Optional[torch.Tensor] = None  # counts since the last check, on the device
@@ -132,9 +136,11 @@ class ClarityLoss(nn.Module):
                 out.logits = (out.logits_cls.float() + seg.logits_fg) / 2
         zero = out.logits_cls.new_zeros((), dtype=torch.float32)
         terms = dict.fromkeys(TERMS, zero)
-        terms["cls"] = F.binary_cross_entropy_with_logits(out.logits_cls.float(), y)
+        pos_weight = None if self.cls_pos_weight == 1.0 else y.new_tensor(self.cls_pos_weight)
+        terms["cls"] = F.binary_cross_entropy_with_logits(out.logits_cls.float(), y, pos_weight=pos_weight)
         if out.logits_fg is not None:
-            terms["cls"] = terms["cls"] + F.binary_cross_entropy_with_logits(out.logits_fg.float(), y)
+            terms["cls"] = terms["cls"] + F.binary_cross_entropy_with_logits(out.logits_fg.float(), y,
+                                                                             pos_weight=pos_weight)
         if teacher_logits is not None:
             soft = torch.sigmoid(teacher_logits.float() / self.kd_temperature)
             terms["kd"] = F.binary_cross_entropy_with_logits(out.logits.float(), soft)

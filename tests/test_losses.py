@@ -94,6 +94,19 @@ def test_clarity_loss_total_by_hand():
     assert loss.total.item() == pytest.approx(sum(weights[k] * terms[k] for k in terms), rel=1e-4)
 
 
+def test_cls_pos_weight_by_hand():
+    """L_cls with positives weighted w: -(w y log sigmoid(l) + (1 - y) log sigmoid(-l)), mean, for l^C and l^f."""
+    hm, s, m, d = tiny_inputs()
+    lc, lf = [0.3, -1.2], [2.0, 0.5]
+    out = ClarityOutput(logits=None, logits_cls=torch.tensor([lc]), logits_fg=torch.tensor([lf]), heatmap=hm.float(),
+                        heatmap_logits=hm.logit().clamp(-40, 40), scores=s.float())
+    loss = ClarityLoss(cls_pos_weight=3.0)(out, torch.tensor([[1.0, 0.0]]), masks=m, dist=d.float())
+    expected = (3 * softplus(-0.3) + softplus(-1.2)) / 2 + (3 * softplus(-2.0) + softplus(0.5)) / 2
+    assert loss.terms["cls"].item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="cls_pos_weight must be > 0"):
+        ClarityLoss(cls_pos_weight=0.0)
+
+
 def test_distance_map_matches_brute_force():
     torch.manual_seed(3)
     masks = torch.rand(3, 2, 5, 7) > 0.8
