@@ -70,7 +70,8 @@ class ClarityLoss(nn.Module):
     out: :class:`ClarityOutput` of ``model.forward_outputs``; targets ``(B, C)`` in {0, 1};
     masks ``(B, C, h, w)`` anatomical priors at grid resolution (bool/uint8/float); dist
     ``(B, C, h, w)`` their distance maps (computed from masks when None); teacher_logits ``(B, C)``.
-    Weights default to SPEC §3; ``oct_mode`` is ``"oct"`` or the ``"cct"`` ablation. The
+    Weights default to SPEC §3; ``cls_pos_weight`` (default 1: SPEC's BCE) weights the positive labels in
+    L_cls; ``oct_mode`` is ``"oct"`` or the ``"cct"`` ablation. The
     SegmentCAM terms are computed from ``out.heatmap_logits`` (exact gradients in fp16 too).
     ``validate`` raises a ValueError on labels outside {0, 1}, non-finite heatmaps/scores, masks
     outside {0, 1} or non-finite dist. The checks are counted on the device and read back on the
