@@ -52,17 +52,26 @@ def box_from_map(loc_map: torch.Tensor, image_size: Tuple[int, int], threshold: 
     return None if m is None else largest_component_box(m >= threshold)
 
 
+def box_cells(box: Box, image_size: Tuple[int, int], grid: Tuple[int, int]) -> np.ndarray:
+    """``(h, w)`` bool: the cells of an ``(h, w)`` grid laid over an image of ``image_size = (H, W)`` that
+    overlap ``box`` with positive area."""
+    h, w = grid
+    cell_h, cell_w = image_size[0] / h, image_size[1] / w
+    x, y, bw, bh = box
+    cols = (np.arange(w) * cell_w < x + bw) & (x < (np.arange(w) + 1) * cell_w)
+    rows = (np.arange(h) * cell_h < y + bh) & (y < (np.arange(h) + 1) * cell_h)
+    return rows[:, None] & cols[None, :]
+
+
 def peak_in_box(loc_map: torch.Tensor, image_size: Tuple[int, int], box: Box) -> bool:
     """The pointing game: does the grid cell where the ``(h, w)`` map peaks (first maximum) overlap ``box`` (in
-    pixels of an image of ``image_size = (H, W)``)? False for a flat map, which points nowhere."""
+    pixels of an image of ``image_size = (H, W)``; see :func:`box_cells`)? False for a flat map, which points
+    nowhere."""
     m = loc_map.detach().float()
     if not m.max() > m.min():
         return False
-    h, w = m.shape
-    row, col = divmod(int(m.flatten().argmax()), w)
-    cell_h, cell_w = image_size[0] / h, image_size[1] / w
-    x, y, bw, bh = box
-    return col * cell_w < x + bw and x < (col + 1) * cell_w and row * cell_h < y + bh and y < (row + 1) * cell_h
+    row, col = divmod(int(m.flatten().argmax()), m.shape[1])
+    return bool(box_cells(box, image_size, tuple(m.shape))[row, col])
 
 
 def iou(a: Optional[Box], b: Box) -> float:

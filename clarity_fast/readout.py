@@ -16,7 +16,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .boxes import peak_in_box
+from .boxes import box_cells, peak_in_box
 from .errors import InputError
 from .evaluation import BoxRecord, check_classes, format_figure, json_safe, patient_folds, run_model
 from .files import write_text_atomic
@@ -26,17 +26,6 @@ MAP_KINDS: Tuple[Tuple[str, str], ...] = (
     ("readout", "token readout (boxes)"),
     ("position", "position only (boxes)"),
 )  # (key, name in tables and legends: at most 25 characters)
-
-
-def box_cells(record: BoxRecord, grid: Tuple[int, int]) -> np.ndarray:
-    """``(h, w)`` bool: the grid cells that overlap ``record.box``, by the same rule as
-    :func:`~clarity_fast.boxes.peak_in_box` (a cell counts when it overlaps the box with positive area)."""
-    h, w = grid
-    cell_h, cell_w = record.image_size[0] / h, record.image_size[1] / w
-    x, y, bw, bh = record.box
-    cols = (np.arange(w) * cell_w < x + bw) & (x < (np.arange(w) + 1) * cell_w)
-    rows = (np.arange(h) * cell_h < y + bh) & (y < (np.arange(h) + 1) * cell_h)
-    return rows[:, None] & cols[None, :]
 
 
 def fit_logistic(features: torch.Tensor, targets: torch.Tensor, weight_decay: float = 1e-3,
@@ -102,7 +91,7 @@ def pointing_hits(records: Sequence[BoxRecord], loc_maps: Dict[str, torch.Tensor
     cells: Dict[Tuple[str, int], np.ndarray] = {}
     for r in records:
         key = (r.image_id, r.class_index)
-        cells[key] = cells.get(key, np.zeros(grid, bool)) | box_cells(r, grid)
+        cells[key] = cells.get(key, np.zeros(grid, bool)) | box_cells(r.box, r.image_size, grid)
     hits = {kind: np.zeros(len(records), bool) for kind, _ in MAP_KINDS}
     hits["maps"] = np.array([peak_in_box(loc_maps[r.image_id][r.class_index], r.image_size, r.box)
                              for r in records])

@@ -197,6 +197,27 @@ def test_prior_baseline_known_truth():
     assert blurred.shape == (2, 8, 8) and blurred[1].abs().max() == 0 and 0 < blurred[0].max() < 1
 
 
+def test_box_cells_against_a_pixel_raster():
+    """The cells a box overlaps against an independent reference: each cell and the box rasterised on the pixel
+    grid, overlap = they share a pixel; random grids, cells of unequal height and width, integer boxes, some
+    on cell edges, some past the image's edge."""
+    from clarity_fast.boxes import box_cells
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h, w, kh, kw = (int(v) for v in rng.integers(2, 9, 4))
+        H, W = h * kh, w * kw
+        x, y = int(rng.integers(0, W)), int(rng.integers(0, H))
+        bw, bh = (kw, kh) if rng.random() < 0.2 else (int(rng.integers(1, W)), int(rng.integers(1, H)))
+        if rng.random() < 0.2:  # on cell edges
+            x, y = (x // kw) * kw, (y // kh) * kh
+        box = np.zeros((H, W), bool)
+        box[y:y + bh, x:x + bw] = True
+        expected = box.reshape(h, kh, w, kw).any(axis=(1, 3))
+        np.testing.assert_array_equal(box_cells((float(x), float(y), float(bw), float(bh)), (H, W), (h, w)),
+                                      expected)
+    assert box_cells((8.0, 0.0, 8.0, 8.0), (128, 128), (16, 16)).sum() == 1  # one cell, edges excluded
+
+
 def test_peak_in_box_against_a_pixel_raster():
     """The pointing game against an independent reference: the peak cell and the box rasterised on the pixel
     grid (nearest upsampling of a one-hot map), hit = they share a pixel; random maps, grids and integer boxes,

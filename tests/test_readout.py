@@ -1,4 +1,4 @@
-"""The box-supervised readout: cell targets by the pointing game's own rule, a logistic fit that finds a planted
+"""The box-supervised readout: a logistic fit that finds a planted
 signal and only that, and pointing figures on records whose answers are known."""
 import json
 
@@ -9,7 +9,7 @@ import torch
 from clarity_fast import cli
 from clarity_fast.boxes import peak_in_box
 from clarity_fast.evaluation import BoxRecord, localization_report, roc_auc
-from clarity_fast.readout import box_cells, fit_logistic, pointing_hits
+from clarity_fast.readout import fit_logistic, pointing_hits
 from conftest import tiny_train_args
 
 
@@ -17,22 +17,6 @@ def one_hot(grid, cell):
     m = torch.zeros(grid)
     m[cell] = 1.0
     return m
-
-
-@pytest.mark.parametrize("grid,size", [((16, 16), (128, 128)), ((5, 7), (80, 91))])
-def test_box_cells_follow_peak_in_box(grid, size):
-    rng = np.random.default_rng(0)
-    boxes = [(8.0, 0.0, 8.0, 8.0), (0.0, 0.0, size[1], size[0])]  # one on cell edges, one the whole image
-    boxes += [tuple(float(v) for v in (rng.uniform(0, size[1] - 9), rng.uniform(0, size[0] - 9),
-                                       rng.uniform(1, 9), rng.uniform(1, 9))) for _ in range(20)]
-    for box in boxes:
-        record = BoxRecord("a", "p", 0, box, size)
-        cells = box_cells(record, grid)
-        truth = np.array([[peak_in_box(one_hot(grid, (i, j)), size, box) for j in range(grid[1])]
-                          for i in range(grid[0])])
-        np.testing.assert_array_equal(cells, truth)
-    if grid == (16, 16):  # the edge-aligned box covers exactly one cell
-        assert box_cells(BoxRecord("a", "p", 0, boxes[0], size), grid).sum() == 1
 
 
 def test_fit_logistic_finds_a_planted_signal_and_nothing_else():
