@@ -5,7 +5,9 @@ phantom images with the same budget and scored by the same localization protocol
 The prior-only and random baselines come with the full model's report. Results: ``ablation.json``,
 ``ablation.md`` (one table) and ``ablation.png`` (IoU accuracy against T, one line per arm, baselines dashed),
 and ``ablation_auc_pointing.png``: per class and seed, the class's AUC against how often its map peaks in the box
-(does a map find the lesion where the class token learned the class?).
+(does a map find the lesion where the class token learned the class?). With ``--readout``, each CLARiTy arm's run
+also gets the token readout of :mod:`clarity_fast.readout`, and the table where the maps miss against where the
+tokens could point.
 """
 from __future__ import annotations
 
@@ -48,12 +50,14 @@ def arm_names() -> List[str]:
 
 def run_ablation(base: TrainConfig, out_dir: Union[str, Path], arms: Optional[Sequence[str]] = None,
                  seeds: Optional[Sequence[int]] = None, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True) -> Dict:
+                 progress: bool = True, with_readout: bool = False) -> Dict:
     """Train and evaluate each arm of ``arms`` (default: all of :data:`ARMS`, in that order) from ``base``, once
     per seed of ``seeds`` (default: ``base.seed``; the seed draws the phantoms, train and test, and the
     initialisation), each in ``out_dir/<arm>/seed-<k>``; the summary (see :func:`summarise`) is rewritten after
     each run and returned. ``resume``: continue the arms' interrupted runs and re-score finished ones with the
-    current protocol (their training minutes kept); ``overwrite``: start them over."""
+    current protocol (their training minutes kept); ``overwrite``: start them over. ``with_readout``: also the
+    token readout of each CLARiTy arm's run (not the Grad-CAM arm's, a plain ViT), summarised by
+    :func:`readout_summary`."""
     from .experiment import train_and_evaluate
     from .gradcam_baseline import GradCAMViT
     from .pathologies import CLASS_NAMES
@@ -82,7 +86,7 @@ def run_ablation(base: TrainConfig, out_dir: Union[str, Path], arms: Optional[Se
             previous = run_dir / "eval" / "report.json"
             trained = json.loads(previous.read_text()).get("train_minutes") if resume and previous.is_file() else None
             report = train_and_evaluate(cfg, resume=resume and run_dir.is_dir(), overwrite=overwrite,
-                                        progress=progress, model=model)
+                                        progress=progress, model=model, with_readout=with_readout and model is None)
             if trained is not None:  # a finished run, re-scored: its training time is the first one's
                 report["train_minutes"] = trained
                 write_report(report, run_dir / "eval")
@@ -122,7 +126,8 @@ def summarise(reports: Dict[str, Dict[int, Dict]]) -> Dict:
     """``reports[arm][seed]`` -> one row per arm (and per baseline, from the first arm's reports), averaged over
     the seeds: macro IoU accuracy per T, its mean, the pointing game, macro AUC, training minutes, and each
     seed's T = 0.3 and mean; per class, IoU accuracy at T = 0.3 and the box area scored against truth; per arm,
-    seed and class, AUC and peak in box (``classes``) and how they go together (``auc_and_pointing``)."""
+    seed and class, AUC and peak in box (``classes``) and how they go together (``auc_and_pointing``); per arm
+    whose reports carry a token readout, :func:`readout_summary` (``readout``)."""
     rows, per_class, classes = {}, {}, {}
     for name, by_seed in reports.items():
         seeds = list(by_seed)
@@ -143,8 +148,10 @@ def summarise(reports: Dict[str, Dict[int, Dict]]) -> Dict:
             label = f"{label} (σ={'/'.join(sigmas)})" if sigmas else label
             rows[label] = _row(bases, [None] * len(bases), [None] * len(bases), list(first), baseline=True)
             per_class[label] = _per_class(bases)
+    readout = {name: readout_summary({k: r["readout"] for k, r in by_seed.items()})
+               for name, by_seed in reports.items() if all("readout" in r for r in by_seed.values())}
     return dict(rows=rows, per_class=per_class, classes=classes, auc_and_pointing=auc_and_pointing(classes),
-                seeds=[str(k) for k in first])
+                readout=readout, seeds=[str(k) for k in first])
 
 
 def _class_points(report: Dict) -> Dict[str, Dict]:
@@ -186,6 +193,29 @@ def auc_and_pointing(classes: Dict[str, Dict[str, Dict]]) -> Dict[str, Dict]:
     return out
 
 
+READOUT_MARGIN = 0.1  # the readout "beats" position only where it points in the box on this much more of the boxes
+
+
+def readout_summary(readouts: Dict) -> Dict:
+    """``readouts[seed]`` (reports of :func:`~clarity_fast.readout.readout_report`) -> per kind of map (the maps,
+    the token readout, position only): the pointing game's macro, averaged over the seeds; over the (seed, class)
+    pairs, split by whether the map finds the lesions (``found``: its peak in box ≥ :data:`FOUND`) or not
+    (``missed``), the number of pairs and each kind's mean peak in box; the number of missed pairs where the
+    readout beats position only by :data:`READOUT_MARGIN` or more, and of all pairs where the map points below
+    position only."""
+    from .readout import MAP_KINDS
+    kinds = [k for k, _ in MAP_KINDS]
+    pairs = [{k: r["pointing"][k][c] for k in kinds} for r in readouts.values() for c in r["pointing"]["maps"]]
+
+    def split(group: List[Dict]) -> Dict:
+        return dict(count=len(group), pointing={k: _mean([p[k] for p in group]) for k in kinds})
+    missed = [p for p in pairs if p["maps"] < FOUND]
+    return dict(macro={k: _mean([r["pointing_macro"][k] for r in readouts.values()]) for k in kinds},
+                pairs=len(pairs), found=split([p for p in pairs if p["maps"] >= FOUND]), missed=split(missed),
+                missed_readout_ahead=sum(p["readout"] - p["position"] >= READOUT_MARGIN - 1e-9 for p in missed),
+                maps_below_position=sum(p["maps"] < p["position"] for p in pairs))
+
+
 def _ratio(area: Dict) -> Optional[float]:
     if area["predicted"] is None or not area["truth"]:
         return None
@@ -221,7 +251,10 @@ def markdown(summary: Dict) -> str:
             v = summary["per_class"][a].get(c, {})
             cells.append(f"{_cell(v.get('at_0_3'))} ({_cell(v.get('area_ratio'))}×)" if v else "–")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + [""] + _auc_and_pointing_lines(summary["auc_and_pointing"])) + "\n"
+    lines += [""] + _auc_and_pointing_lines(summary["auc_and_pointing"])
+    if summary.get("readout"):
+        lines += [""] + _readout_lines(summary["readout"])
+    return "\n".join(lines) + "\n"
 
 
 def _auc_and_pointing_lines(analysis: Dict[str, Dict]) -> List[str]:
@@ -240,6 +273,24 @@ def _auc_and_pointing_lines(analysis: Dict[str, Dict]) -> List[str]:
         lines.append(f"| {arm} | {a['count']} | {_cell(a['spearman'])} | " + " | ".join(cells)
                      + f" | {_cell(found['area_ratio'])}× ({found['count']}) | {_cell(missed['area_ratio'])}× "
                      f"({missed['count']}) |")
+    return lines
+
+
+def _readout_lines(readout: Dict[str, Dict]) -> List[str]:
+    """The table of :func:`readout_summary`, one row per arm: maps / readout / position in each cell."""
+    def kinds(pointing: Dict) -> str:
+        return " / ".join(_cell(pointing[k]) for k in ("maps", "readout", "position"))
+    lines = ["Where the maps miss, could the tokens point? Pointing game (peak in box) of the maps Ξ / a logistic "
+             "readout of the last block's patch tokens / a position-only map, the last two fitted on the boxes of "
+             f"the other patient fold (clarity_fast.readout); over (seed, class) pairs, split by whether the map "
+             f"finds the lesions (peak in box ≥ {FOUND:g}).", "",
+             "| arm | macro | pairs the map finds | mean there | pairs it misses | mean there | misses where the "
+             f"readout beats position by ≥ {READOUT_MARGIN:g} | pairs where the map points below position |",
+             "|---|" + "---|" * 7]
+    for arm, r in readout.items():
+        lines.append(f"| {arm} | {kinds(r['macro'])} | {r['found']['count']} | {kinds(r['found']['pointing'])} "
+                     f"| {r['missed']['count']} | {kinds(r['missed']['pointing'])} | {r['missed_readout_ahead']} "
+                     f"| {r['maps_below_position']} of {r['pairs']} |")
     return lines
 
 

@@ -103,7 +103,7 @@ def cmd_ablate(args) -> None:
           f"{cfg.num_train} phantom images, {cfg.epochs} epochs each ({'CPU' if cfg.device == 'cpu' else 'CUDA'}) "
           f"-> {args.output}")
     summary = run_ablation(cfg, args.output, arms=args.arms, seeds=args.seeds, resume=args.resume,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, with_readout=args.readout)
     for name, row in summary["rows"].items():
         print(f"  {name:<36} mean IoU accuracy {row['mean']:.3f}   T=0.3 {row['macro'].get('0.3', float('nan')):.3f}")
     print(f"table: {Path(args.output) / 'ablation.md'}, plot: {Path(args.output) / 'ablation.png'}")
@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue interrupted arms and re-score finished ones with the current protocol")
     p.add_argument("--overwrite", action="store_true", help="retrain arms whose folders hold an earlier run")
+    p.add_argument("--readout", action="store_true",
+                   help="also fit each CLARiTy run's token readout (see eval --readout) and tabulate, over (seed, "
+                        "class) pairs, where the maps miss against where the tokens could point")
     p.add_argument("--cpu", action="store_true", help="use the CPU preset even when CUDA is available")
     p.set_defaults(func=cmd_ablate)
 

@@ -107,11 +107,13 @@ def init_distributed() -> None:
 
 
 def train_and_evaluate(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
-                       progress: bool = True, model: Optional[torch.nn.Module] = None) -> Dict:
+                       progress: bool = True, model: Optional[torch.nn.Module] = None,
+                       with_readout: bool = False) -> Dict:
     """Train ``cfg`` (``resume``: from its run folder's latest checkpoint; ``overwrite``: start over in a folder
     holding another run), then evaluate the EMA (or raw) weights on the held-out set and, for NIH, the
     validation split. Writes ``<output_dir>/eval/report.{json,md}`` and overlays; returns the report (empty on
-    ranks other than 0). ``model``: train this module instead of the one ``cfg`` names (see :class:`Trainer`)."""
+    ranks other than 0). ``model``: train this module instead of the one ``cfg`` names (see :class:`Trainer`);
+    ``with_readout``: also the token readout of :func:`readout`, as the report's ``readout``."""
     from .evaluation import classification_report, evaluate_model, run_model, write_report
     from .training import Trainer, check_setup
     if resume and overwrite:
@@ -137,6 +139,8 @@ def train_and_evaluate(cfg: TrainConfig, resume: bool = False, overwrite: bool =
         _, val_set = build_datasets(cfg, progress, train=False, split="val")
         val = run_model(model, val_set, device=trainer.device, progress=progress)
         report["validation_classification"] = classification_report(val["probs"], val["labels"], model.class_names)
+    if with_readout:
+        report["readout"] = readout(model, cfg, out_dir, progress, test_set)
     write_report(report, out_dir)
     return report
 
@@ -178,11 +182,12 @@ def evaluate(model: Clarity, cfg: TrainConfig, out_dir: PathLike, progress: bool
                           device=next(model.parameters()).device, stem="eval_report")
 
 
-def readout(model: Clarity, cfg: TrainConfig, out_dir: PathLike, progress: bool = True) -> Dict:
-    """What the tokens know against what the maps show, on the config's held-out set: writes
+def readout(model: Clarity, cfg: TrainConfig, out_dir: PathLike, progress: bool = True, test_set=None) -> Dict:
+    """What the tokens know against what the maps show, on the config's held-out set (or ``test_set``): writes
     ``readout.{json,md,png}`` into ``out_dir`` (see :mod:`clarity_fast.readout`) and returns the report."""
     from .readout import readout_report, write_readout
-    _, test_set = build_datasets(cfg, progress, train=False)
+    if test_set is None:
+        _, test_set = build_datasets(cfg, progress, train=False)
     report = readout_report(model, test_set, device=next(model.parameters()).device, progress=progress)
     write_readout(report, out_dir)
     return report

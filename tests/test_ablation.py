@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from clarity_fast import cli
-from clarity_fast.ablation import ARMS, GRADCAM, auc_and_pointing, run_ablation
+from clarity_fast.ablation import ARMS, GRADCAM, auc_and_pointing, readout_summary, run_ablation
 from clarity_fast.training import TrainConfig
 
 pytest.importorskip("pytorch_grad_cam")
@@ -58,8 +58,8 @@ def test_ablate_seeds_average_and_resume_rescores(tmp_path):
     sets = [a for s in SMALL for a in ("--set", s)]
     assert cli.main(["ablate", "--cpu", "--arms", "full", "--seeds", "3", "--output", str(out)] + sets) == 0
     first = json.loads((out / "full" / "seed-3" / "eval" / "report.json").read_text())
-    assert cli.main(["ablate", "--cpu", "--arms", "full", "--seeds", "3", "5", "--resume", "--output", str(out)]
-                    + sets) == 0
+    assert cli.main(["ablate", "--cpu", "--arms", "full", "--seeds", "3", "5", "--resume", "--readout", "--output",
+                     str(out)] + sets) == 0
     summary = json.loads((out / "ablation.json").read_text())
     reports = {k: json.loads((out / "full" / f"seed-{k}" / "eval" / "report.json").read_text()) for k in (3, 5)}
     assert reports[3]["train_minutes"] == first["train_minutes"]
@@ -71,6 +71,16 @@ def test_ablate_seeds_average_and_resume_rescores(tmp_path):
     assert row["mean"] == pytest.approx(sum(means) / 2)
     assert [row["per_seed"][k]["mean"] for k in ("3", "5")] == means
     assert "3: " in (out / "ablation.md").read_text() and "Mean over seeds 3, 5." in (out / "ablation.md").read_text()
+    # --readout: each run's token readout, its maps' pointing that of the run's own report, summed up over the pairs
+    readouts = {k: json.loads((out / "full" / f"seed-{k}" / "eval" / "readout.json").read_text()) for k in (3, 5)}
+    for k in (3, 5):
+        assert readouts[k]["pointing"]["maps"] == pytest.approx(reports[k]["localization"]["pointing"])
+    r = summary["readout"]["full"]
+    assert r["pairs"] == sum(len(readouts[k]["pointing"]["maps"]) for k in (3, 5)) > 0
+    assert r["found"]["count"] + r["missed"]["count"] == r["pairs"]
+    assert r["macro"]["readout"] == pytest.approx((readouts[3]["pointing_macro"]["readout"]
+                                                   + readouts[5]["pointing_macro"]["readout"]) / 2)
+    assert "| full | " in (out / "ablation.md").read_text().split("Where the maps miss")[1]
 
 
 def test_auc_and_pointing_on_known_figures():
@@ -92,6 +102,26 @@ def test_auc_and_pointing_on_known_figures():
     assert a["small_missed"] == {"count": 2, "area_ratio": pytest.approx(15.0)}  # Fibrosis, Nodule (seed 1)
     classes["arm"]["1"]["Nodule"] = point(0.7, 0.95, 20.0)  # a map that finds what its token barely learned
     assert auc_and_pointing(classes)["arm"]["spearman"] < 0.9
+
+
+def test_readout_summary_on_known_figures():
+    """The split of (seed, class) pairs by whether the map finds the lesions, on figures worked out by hand."""
+    def report(maps, readout, position):
+        pointing = {"maps": maps, "readout": readout, "position": position}
+        return dict(pointing=pointing, pointing_macro={k: sum(v.values()) / len(v) for k, v in pointing.items()})
+    readouts = {
+        "0": report({"Nodule": 0.9, "Mass": 0.2, "Fibrosis": 0.0}, {"Nodule": 0.8, "Mass": 0.6, "Fibrosis": 0.1},
+                    {"Nodule": 0.5, "Mass": 0.5, "Fibrosis": 0.3}),
+        "1": report({"Nodule": 0.5, "Mass": 0.1}, {"Nodule": 0.4, "Mass": 0.7}, {"Nodule": 0.6, "Mass": 0.6})}
+    r = readout_summary(readouts)
+    assert r["pairs"] == 5
+    assert r["found"]["count"] == 2  # Nodule on both seeds (0.5 counts as found)
+    assert r["found"]["pointing"] == pytest.approx({"maps": 0.7, "readout": 0.6, "position": 0.55})
+    assert r["missed"]["count"] == 3
+    assert r["missed"]["pointing"] == pytest.approx({"maps": 0.1, "readout": 1.4 / 3, "position": 1.4 / 3})
+    assert r["missed_readout_ahead"] == 2  # Mass on seed 0 (0.1 ahead exactly) and seed 1; not Fibrosis (behind)
+    assert r["maps_below_position"] == 4  # all but Nodule on seed 0
+    assert r["macro"]["maps"] == pytest.approx((1.1 / 3 + 0.3) / 2)
 
 
 def test_unknown_arm_is_named(tmp_path):
