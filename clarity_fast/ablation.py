@@ -173,7 +173,8 @@ def auc_and_pointing(classes: Dict[str, Dict[str, Dict]]) -> Dict[str, Dict]:
     """``classes[arm][seed][class]`` (see :func:`_class_points`) -> per arm, over its (seed, class) pairs with an
     AUC: Spearman's ρ between class AUC and peak in box; per band of :data:`AUC_BANDS` the number of pairs and
     their mean peak in box; and for :data:`SMALL_LESIONS`, the number of pairs and their median box area ratio
-    (scored / truth) where the map finds the lesions (peak in box ≥ :data:`FOUND`) and where it does not."""
+    (scored / truth) where the map finds the lesions (peak in box ≥ :data:`FOUND`) and where it does not, and
+    per seed the mean of their box area ratios (``small_area_by_seed``)."""
     from scipy.stats import spearmanr
     out = {}
     for arm, by_seed in classes.items():
@@ -189,7 +190,10 @@ def auc_and_pointing(classes: Dict[str, Dict[str, Dict]]) -> Dict[str, Dict]:
         out[arm] = dict(count=len(points), bands=bands,
                         spearman=float(spearmanr(auc, pointing)[0]) if len(points) > 2 else float("nan"),
                         small_found=dict(count=len(found), area_ratio=float(np.median(found)) if found else None),
-                        small_missed=dict(count=len(missed), area_ratio=float(np.median(missed)) if missed else None))
+                        small_missed=dict(count=len(missed), area_ratio=float(np.median(missed)) if missed else None),
+                        small_area_by_seed={seed: _mean([p["area_ratio"] for c, p in per_class.items()
+                                                         if c in SMALL_LESIONS and _has_auc(p)])
+                                            for seed, per_class in by_seed.items()})
     return out
 
 
@@ -264,15 +268,17 @@ def _auc_and_pointing_lines(analysis: Dict[str, Dict]) -> List[str]:
     lines = ["Does a map find the lesions of the classes its token learned? Per (seed, class): the class's AUC "
              f"against its peak in box (plot: ablation_auc_pointing.png). Mean peak in box per AUC band (pairs); for "
              f"the small lesions ({', '.join(SMALL_LESIONS)}), the median box area / truth where the map finds them "
-             f"(peak in box ≥ {FOUND:g}) and where it does not (pairs).", "",
+             f"(peak in box ≥ {FOUND:g}) and where it does not (pairs), and per seed their mean box area / truth.", "",
              "| arm | pairs | Spearman ρ | " + " | ".join(f"peak in box, {b}" for b in bands)
-             + " | small lesions found: box area / truth | not found |", "|---|" + "---|" * (len(bands) + 4)]
+             + " | small lesions found: box area / truth | not found | small lesions per seed: mean box area / truth |",
+             "|---|" + "---|" * (len(bands) + 5)]
     for arm, a in analysis.items():
         cells = [f"{_cell(b['pointing'])} ({b['count']})" for b in a["bands"]]
         found, missed = a["small_found"], a["small_missed"]
         lines.append(f"| {arm} | {a['count']} | {_cell(a['spearman'])} | " + " | ".join(cells)
                      + f" | {_cell(found['area_ratio'])}× ({found['count']}) | {_cell(missed['area_ratio'])}× "
-                     f"({missed['count']}) |")
+                     f"({missed['count']}) | "
+                     + ", ".join(f"{k}: {_cell(v)}×" for k, v in a["small_area_by_seed"].items()) + " |")
     return lines
 
 

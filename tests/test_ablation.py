@@ -100,6 +100,7 @@ def test_auc_and_pointing_on_known_figures():
     assert [b["pointing"] for b in a["bands"]] == pytest.approx([(0.85 + 0.9 + 1.0) / 3, 0.6, 0.15])
     assert a["small_found"] == {"count": 2, "area_ratio": pytest.approx(2.0)}  # Nodule (seed 0), Mass
     assert a["small_missed"] == {"count": 2, "area_ratio": pytest.approx(15.0)}  # Fibrosis, Nodule (seed 1)
+    assert a["small_area_by_seed"] == {"0": pytest.approx((1.5 + 2.5 + 10.0) / 3), "1": pytest.approx(20.0)}
     classes["arm"]["1"]["Nodule"] = point(0.7, 0.95, 20.0)  # a map that finds what its token barely learned
     assert auc_and_pointing(classes)["arm"]["spearman"] < 0.9
 
