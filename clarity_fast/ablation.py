@@ -213,7 +213,7 @@ def readout_summary(readouts: Dict) -> Dict:
 
     def split(group: List[Dict]) -> Dict:
         return dict(count=len(group), pointing={k: _mean([p[k] for p in group]) for k in kinds})
-    missed = [p for p in pairs if p["maps"] < FOUND]
+    missed = [p for p in pairs if p["maps"] < FOUND]  # below, 1e-9: 0.6 - 0.5 is a hair under 0.1 in floats
     return dict(macro={k: _mean([r["pointing_macro"][k] for r in readouts.values()]) for k in kinds},
                 pairs=len(pairs), found=split([p for p in pairs if p["maps"] >= FOUND]), missed=split(missed),
                 missed_readout_ahead=sum(p["readout"] - p["position"] >= READOUT_MARGIN - 1e-9 for p in missed),
