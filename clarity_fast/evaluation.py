@@ -317,37 +317,51 @@ def check_classes(model: torch.nn.Module, dataset) -> Tuple[str, ...]:
 
 @torch.no_grad()
 def run_model(model: torch.nn.Module, dataset, batch_size: int = 32, device: Union[str, torch.device] = "cpu",
-              num_workers: int = 0, progress: bool = True) -> Dict:
+              num_workers: int = 0, progress: bool = True, with_patch_tokens: bool = False) -> Dict:
     """Inference over ``dataset``: ``probs`` and ``labels`` (N, C) arrays, ``ids``, localization maps Ξ
     ``loc_maps`` and anatomical priors ``priors`` (bool), both ``{id: (C, h, w)}``, :class:`BoxRecord` s and
-    ``images``, for the images that have boxes."""
+    ``images``, for the images that have boxes; ``with_patch_tokens``: also their last block's patch tokens
+    before the final norm, ``patch_tokens`` ``{id: (h * w, D)}`` float32, from the same forward pass."""
     from .data import collate, normalize
     was_training = model.training
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          collate_fn=collate)
-    probs, labels, ids, loc_maps, priors, records, images = [], [], [], {}, {}, [], {}
+    probs, labels, ids, loc_maps, priors, records, images, tokens = [], [], [], {}, {}, [], {}, {}
     amp = torch.device(device).type == "cuda"
-    for batch in progress_bar(loader, desc="evaluating", enabled=progress, leave=False):
-        x = normalize(batch["image"].to(device), model.in_chans)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            out = model.forward_outputs(x)
-        probs.append(out.logits.float().sigmoid().cpu())
-        labels.append(batch["labels"])
-        ids += batch["id"]
-        size = tuple(batch["image"].shape[-2:])
-        for i, boxes in enumerate(batch["boxes"]):
-            if len(boxes):
-                key = batch["id"][i]
-                loc_maps[key] = out.loc_map[i].float().cpu()
-                if "masks" in batch:
-                    priors[key] = batch["masks"][i].bool().cpu()
-                images[key] = batch["image"][i]
-                records += [BoxRecord(key, batch["patient"][i], int(b[0]), tuple(b[1:].tolist()), size)
-                            for b in boxes]
-    model.train(was_training)
-    return dict(probs=torch.cat(probs).numpy(), labels=torch.cat(labels).numpy(), ids=ids, loc_maps=loc_maps,
-                priors=priors, records=records, images=images)
+    last_block: List[torch.Tensor] = []  # the last block's output tokens (B, C + P, D) of the current batch
+    hook = (model.blocks[-1].register_forward_hook(lambda _module, _args, out: last_block.append(out[0]))
+            if with_patch_tokens else None)
+    try:
+        for batch in progress_bar(loader, desc="evaluating", enabled=progress, leave=False):
+            x = normalize(batch["image"].to(device), model.in_chans)
+            last_block.clear()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out = model.forward_outputs(x)
+            probs.append(out.logits.float().sigmoid().cpu())
+            labels.append(batch["labels"])
+            ids += batch["id"]
+            size = tuple(batch["image"].shape[-2:])
+            for i, boxes in enumerate(batch["boxes"]):
+                if len(boxes):
+                    key = batch["id"][i]
+                    loc_maps[key] = out.loc_map[i].float().cpu()
+                    if "masks" in batch:
+                        priors[key] = batch["masks"][i].bool().cpu()
+                    images[key] = batch["image"][i]
+                    if with_patch_tokens:
+                        tokens[key] = last_block[0][i, model.num_classes:].float().cpu()
+                    records += [BoxRecord(key, batch["patient"][i], int(b[0]), tuple(b[1:].tolist()), size)
+                                for b in boxes]
+    finally:
+        if hook is not None:
+            hook.remove()
+        model.train(was_training)
+    res = dict(probs=torch.cat(probs).numpy(), labels=torch.cat(labels).numpy(), ids=ids, loc_maps=loc_maps,
+               priors=priors, records=records, images=images)
+    if with_patch_tokens:
+        res["patch_tokens"] = tokens
+    return res
 
 
 def evaluate_model(model: torch.nn.Module, dataset, out_dir: Union[str, Path, None] = None,

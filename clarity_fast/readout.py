@@ -67,21 +67,6 @@ class _Standardise(torch.nn.Module):
 
 
 @torch.no_grad()
-def patch_tokens(model: torch.nn.Module, images: Dict[str, torch.Tensor], batch_size: int = 32
-                 ) -> Dict[str, torch.Tensor]:
-    """The last block's patch tokens ``(h * w, D)`` float32 of each image ``(in_chans or 1, H, W)`` in [0, 1]."""
-    from .data import normalize
-    device = next(model.parameters()).device
-    ids, out = list(images), {}
-    for i in range(0, len(ids), batch_size):
-        batch = torch.stack([images[k] for k in ids[i:i + batch_size]]).to(device)
-        tokens = model.forward_intermediates(normalize(batch, model.in_chans), indices=1, output_fmt="NLC",
-                                             intermediates_only=True)[-1]
-        out.update({k: t.float().cpu() for k, t in zip(ids[i:i + batch_size], tokens)})
-    return out
-
-
-@torch.no_grad()
 def pointing_hits(records: Sequence[BoxRecord], loc_maps: Dict[str, torch.Tensor], tokens: Dict[str, torch.Tensor],
                   num_classes: int, seed: int = 0) -> Dict[str, np.ndarray]:
     """Per kind of :data:`MAP_KINDS`, a bool per record: does that map peak in the record's box? The readout and
@@ -121,12 +106,11 @@ def readout_report(model: torch.nn.Module, dataset, batch_size: int = 32, device
     """Pointing game per class for each kind of :data:`MAP_KINDS` on ``dataset``'s box images: ``pointing[kind]
     [class]``, ``pointing_macro[kind]`` (over classes with boxes), ``num_boxes`` and ``features``."""
     classes = check_classes(model, dataset)
-    res = run_model(model, dataset, batch_size, device, progress=progress)
+    res = run_model(model, dataset, batch_size, device, progress=progress, with_patch_tokens=True)
     records: List[BoxRecord] = res["records"]
     if not records:
         raise InputError("the data set has no box images: nothing to point at")
-    tokens = patch_tokens(model, res["images"], batch_size)
-    hits = pointing_hits(records, res["loc_maps"], tokens, len(classes), seed)
+    hits = pointing_hits(records, res["loc_maps"], res["patch_tokens"], len(classes), seed)
     cls = np.array([r.class_index for r in records])
     present = [c for c in range(len(classes)) if (cls == c).any()]
     pointing = {kind: {classes[c]: float(hits[kind][cls == c].mean()) for c in present} for kind, _ in MAP_KINDS}

@@ -8,9 +8,11 @@ import torch
 
 from clarity_fast import cli
 from clarity_fast.boxes import peak_in_box
-from clarity_fast.evaluation import BoxRecord, localization_report, roc_auc
+from clarity_fast.data import InMemoryDataset, normalize
+from clarity_fast.evaluation import BoxRecord, localization_report, roc_auc, run_model
+from clarity_fast.phantom import PhantomDataset
 from clarity_fast.readout import fit_logistic, pointing_hits
-from conftest import tiny_train_args
+from conftest import tiny_model, tiny_train_args
 
 
 def one_hot(grid, cell):
@@ -58,6 +60,21 @@ def test_pointing_hits_on_known_answers():
     np.testing.assert_array_equal(hits["maps"], expected)
     report = localization_report(records, loc_maps, ["a", "b"])  # its own pointing, computed independently
     assert report["pointing"]["a"] == pytest.approx(hits["maps"][cls == 0].mean())
+
+
+def test_run_model_patch_tokens_are_the_last_blocks_from_the_same_pass():
+    """The readout's features, taken by a hook during the evaluation pass, against timm's feature API (a separate
+    pass): the last block's patch tokens before the norm, per box image; the hook is gone afterwards."""
+    model = tiny_model(img_size=64, patch_size=8, num_classes=14).eval()
+    data = InMemoryDataset(PhantomDataset(12, 64, 8, seed=3), progress=False)
+    res = run_model(model, data, batch_size=5, progress=False, with_patch_tokens=True)
+    assert set(res["patch_tokens"]) == set(res["images"]) and res["images"]
+    for key, image in res["images"].items():
+        expected = model.forward_intermediates(normalize(image[None], model.in_chans), indices=1, output_fmt="NLC",
+                                               intermediates_only=True)[-1][0]
+        torch.testing.assert_close(res["patch_tokens"][key], expected, rtol=1e-5, atol=1e-5)
+    assert not model.blocks[-1]._forward_hooks
+    assert "patch_tokens" not in run_model(model, data, batch_size=5, progress=False)
 
 
 def test_cli_eval_readout(tmp_path, capsys):
