@@ -2,7 +2,8 @@
 
 Each arm is the demo's configuration (or any base config) with one change; every arm is trained on the same
 phantom images with the same budget and scored by the same localization protocol (same ξ tuning, same folds).
-The prior-only and random baselines come with the full model's report. Results: ``ablation.json``,
+The prior-only and random baselines, and the ceiling of the ground-truth boxes on the grid, come with the full
+model's report. Results: ``ablation.json``,
 ``ablation.md`` (one table) and ``ablation.png`` (IoU accuracy against T, one line per arm, baselines dashed),
 and ``ablation_auc_pointing.png``: per class and seed, the class's AUC against how often its map peaks in the box
 (does a map find the lesion where the class token learned the class?). With ``--readout``, each CLARiTy arm's run
@@ -141,7 +142,7 @@ def summarise(reports: Dict[str, Dict[int, Dict]]) -> Dict:
         per_class[name] = _per_class(locs)
         classes[name] = {str(k): _class_points(r) for k, r in by_seed.items()}
     first = next(iter(reports.values()))
-    for key, _, label in REPORT_MAPS[1:]:  # the baselines
+    for key, _, label in REPORT_MAPS[1:]:  # the baselines and the ceiling
         bases = [r[key] for r in first.values() if r.get(key)]
         if bases:
             sigmas = sorted({f"{b['sigma']:g}" for b in bases if "sigma" in b})

@@ -35,6 +35,9 @@ def _print_summary(report: dict, out_dir: Path, stem: str = "report") -> None:
         if prior:
             rows += [(f"prior-only maps, σ={prior['sigma']:g} (baseline)", prior["macro"], prior["mean_iou_accuracy"])]
         rows += [("random maps (baseline)", rnd["macro"], rnd["mean_iou_accuracy"])]
+        ceiling = report.get("grid_ceiling")
+        if ceiling:
+            rows += [("truth boxes on the grid (ceiling)", ceiling["macro"], ceiling["mean_iou_accuracy"])]
         for name, macro, mean in rows:
             print(f"  {name:<34}" + "  ".join(f"{v:.3f}" for v in macro.values()) + f"  {mean:.3f}")
     overlays = "overlays.png" if stem == "report" else f"{stem}_overlays.png"

@@ -202,6 +202,23 @@ def prior_baseline(records: Sequence[BoxRecord], priors: Dict[str, torch.Tensor]
     return dict(reports[best], sigma=best, mean_by_sigma={f"{s:g}": reports[s]["mean_iou_accuracy"] for s in sigmas})
 
 
+def box_maps(records: Sequence[BoxRecord], grid: Tuple[int, int], num_classes: int) -> Dict[str, torch.Tensor]:
+    """Each box image's ground-truth boxes as maps ``{id: (num_classes, h, w)}`` float32 on a ``grid = (h, w)``:
+    the fraction of each cell that a box of the class covers (the largest, where a class has several). Scored like
+    Ξ, they are the ceiling of the protocol at this grid: what a map that is the ground truth itself reaches."""
+    h, w = grid
+    maps: Dict[str, torch.Tensor] = {}
+    for r in records:
+        rows, cols = r.image_size[0] / h, r.image_size[1] / w  # cell size in pixels
+        x, y, bw, bh = r.box
+        along_x = np.clip(np.minimum((np.arange(w) + 1) * cols, x + bw) - np.maximum(np.arange(w) * cols, x), 0, None)
+        along_y = np.clip(np.minimum((np.arange(h) + 1) * rows, y + bh) - np.maximum(np.arange(h) * rows, y), 0, None)
+        cover = torch.from_numpy(np.outer(along_y / rows, along_x / cols).astype(np.float32))
+        m = maps.setdefault(r.image_id, torch.zeros(num_classes, h, w))
+        m[r.class_index] = torch.maximum(m[r.class_index], cover)
+    return maps
+
+
 def format_figure(v: Optional[float], missing: str = "n/a") -> str:
     return missing if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
@@ -219,7 +236,8 @@ def _accuracy_table(accuracy: Dict, macro: Dict, xi: Optional[Dict] = None) -> L
 
 # the maps a report scores: report key, short name for tables, name for plots (PIL's default font has no Ξ)
 REPORT_MAPS = (("localization", "Ξ", "CLARiTy maps Xi"), ("prior_baseline", "prior", "prior-only maps"),
-               ("random_baseline", "random", "random maps"))
+               ("random_baseline", "random", "random maps"),
+               ("grid_ceiling", "ceiling", "truth boxes on the grid (ceiling)"))
 
 
 def _side_by_side(report: Dict, t: str = "0.3") -> List[str]:
@@ -228,23 +246,24 @@ def _side_by_side(report: Dict, t: str = "0.3") -> List[str]:
     arms = [(key, name) for key, name, _ in REPORT_MAPS if report.get(key)]
     loc = report["localization"]
     head = ("| class | " + " | ".join(f"{n} T={t}" for _, n in arms) + " | " + " | ".join(f"{n} mean" for _, n in arms)
-            + " | " + " | ".join(f"{n} peak in box" for _, n in arms) + " | box area Ξ / truth |")
+            + " | " + " | ".join(f"{n} peak in box" for _, n in arms) + " | "
+            + " | ".join(f"{n} box area / truth" for _, n in arms) + " |")
     lines = ["## Localization side by side (same protocol, same folds)", "",
              "Peak in box: the pointing game, the fraction of boxes whose map peaks in a grid cell overlapping the "
-             "box (no ξ involved).", "", head, "|---|" + "---|" * (3 * len(arms) + 1)]
+             "box (no ξ involved). Box area / truth: the mean area of the boxes scored against the ground truth's.",
+             "", head, "|---|" + "---|" * (4 * len(arms))]
     for c in loc["accuracy"]:
         at_t = [report[k]["accuracy"].get(c, {}).get(t, float("nan")) for k, _ in arms]
         means = [float(np.mean(list(report[k]["accuracy"][c].values()))) if c in report[k]["accuracy"]
                  else float("nan") for k, _ in arms]
         pointing = [report[k].get("pointing", {}).get(c, float("nan")) for k, _ in arms]
-        area = loc["box_area"][c]
-        ratio = area["predicted"] / area["truth"] if area["truth"] > 0 else float("nan")
-        lines.append(f"| {c} | " + " | ".join(format_figure(v) for v in at_t + means + pointing)
-                     + f" | {format_figure(ratio)} |")
+        areas = [report[k].get("box_area", {}).get(c) for k, _ in arms]
+        ratios = [a["predicted"] / a["truth"] if a and a["truth"] > 0 else float("nan") for a in areas]
+        lines.append(f"| {c} | " + " | ".join(format_figure(v) for v in at_t + means + pointing + ratios) + " |")
     lines.append("| **Macro** | " + " | ".join(f"**{format_figure(report[k]['macro'].get(t))}**" for k, _ in arms)
                  + " | " + " | ".join(f"**{format_figure(report[k]['mean_iou_accuracy'])}**" for k, _ in arms)
                  + " | " + " | ".join(f"**{format_figure(report[k].get('pointing_macro'))}**" for k, _ in arms)
-                 + " | |")
+                 + " |" * (len(arms) + 1))
     return lines + [""]
 
 
@@ -265,7 +284,8 @@ def markdown_report(report: Dict) -> str:
         lines += _side_by_side(report)
     for key, title in (("localization", "Localization (IoU accuracy of boxes from Ξ)"),
                        ("prior_baseline", "Prior-only baseline (same protocol)"),
-                       ("random_baseline", "Random-map baseline (same protocol)")):
+                       ("random_baseline", "Random-map baseline (same protocol)"),
+                       ("grid_ceiling", "Ceiling: the ground-truth boxes on the grid (same protocol)")):
         loc = report.get(key)
         if not loc:
             continue
@@ -273,6 +293,9 @@ def markdown_report(report: Dict) -> str:
             lines += [f"Each image's anatomical prior of the class as the map, Gaussian blur σ = {loc['sigma']:g} "
                       f"grid cells: the best mean IoU accuracy of σ in "
                       + ", ".join(f"{k} ({v:.3f})" for k, v in loc["mean_by_sigma"].items()) + ".", ""]
+        if key == "grid_ceiling":
+            lines += ["Each image's ground-truth boxes of the class as the map, the fraction of each grid cell they "
+                      "cover: what a map that is the truth itself scores at this grid.", ""]
         lines += [f"## {title}", "", f"ξ(c) tuned on one patient fold for the {loc['xi_criterion']}, "
                   f"scored on the other. Mean of the two folds:", ""]
         lines += _accuracy_table(loc["accuracy"], loc["macro"])
@@ -368,7 +391,8 @@ def evaluate_model(model: torch.nn.Module, dataset, out_dir: Union[str, Path, No
                    batch_size: int = 32, device: Union[str, torch.device] = "cpu", num_overlays: int = 8,
                    seed: int = 0, progress: bool = True, tune_at: Optional[float] = None,
                    stem: str = "report") -> Dict:
-    """Classification and localization report of ``model`` on ``dataset`` with the random-map baseline and,
+    """Classification and localization report of ``model`` on ``dataset`` with the random-map baseline,
+    the ceiling of the ground-truth boxes on the grid (:func:`box_maps`) and,
     where the data set has anatomical priors, the prior-only baseline,
     per class of ``model.class_names`` (the data set's ``classes``, where it has them, must be the same);
     with ``out_dir``: ``<stem>.json``, ``<stem>.md`` and PNG overlays of the first box images, each box
@@ -385,6 +409,9 @@ def evaluate_model(model: torch.nn.Module, dataset, out_dir: Union[str, Path, No
         if any(p.any() for p in res["priors"].values()):  # a data set with anatomical priors
             report["prior_baseline"] = prior_baseline(res["records"], res["priors"], classes, seed=seed,
                                                       tune_at=tune_at)
+        grid = tuple(next(iter(res["loc_maps"].values())).shape[-2:])
+        report["grid_ceiling"] = localization_report(res["records"], box_maps(res["records"], grid, len(classes)),
+                                                     classes, seed=seed, tune_at=tune_at)
     if out_dir is not None:
         write_report(report, out_dir, stem)
         records = res["records"][:num_overlays]

@@ -22,7 +22,7 @@ def test_ablate_command_all_arms(tmp_path, capsys):
     arms = [name for name, _ in ARMS]
     assert list(summary["rows"])[:len(arms)] == arms
     baselines = [name for name, row in summary["rows"].items() if row["baseline"]]
-    assert [b.split(" (")[0] for b in baselines] == ["prior-only maps", "random maps"]
+    assert [b.split(" (")[0] for b in baselines] == ["prior-only maps", "random maps", "truth boxes on the grid"]
     for name in arms:
         row = summary["rows"][name]
         assert set(row["macro"]) == {"0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7"} and row["minutes"] > 0
@@ -45,6 +45,7 @@ def test_ablate_command_all_arms(tmp_path, capsys):
     assert summary["rows"]["full"]["pointing"] == full["localization"]["pointing_macro"]
     assert summary["rows"]["full"]["minutes"] == full["train_minutes"]
     assert summary["rows"][baselines[1]]["macro"] == full["random_baseline"]["macro"]
+    assert summary["rows"][baselines[2]]["macro"] == full["grid_ceiling"]["macro"]
     grad = json.loads((out / "1-class-token-grad-cam" / "seed-0" / "eval" / "report.json").read_text())
     assert grad["localization"]["num_boxes"] > 0  # Grad-CAM maps went through the same protocol
     # a second run refuses the arms' folders unless told to overwrite

@@ -197,6 +197,47 @@ def test_prior_baseline_known_truth():
     assert blurred.shape == (2, 8, 8) and blurred[1].abs().max() == 0 and 0 < blurred[0].max() < 1
 
 
+def test_box_maps_against_a_pixel_raster():
+    """Each cell of a box map is the fraction of the cell the box covers: against boxes rasterised on a 4x finer
+    pixel grid and averaged over the cells, for boxes at fractional positions on a grid of non-square cells;
+    two boxes of one class keep the larger cover, other classes stay 0."""
+    from clarity_fast.evaluation import box_maps
+    rng = np.random.default_rng(3)
+    H, W, grid, k = 60, 45, (6, 9), 4  # cells of 10 x 5 px
+    records = []
+    for i in range(45):  # three boxes per image, two of them class 0
+        x, y = rng.uniform(0, W - 2), rng.uniform(0, H - 2)
+        box = (x, y, rng.uniform(1, W - x), rng.uniform(1, H - y))
+        records.append(BoxRecord(f"img{i // 3}", "p", (0, 2, 0)[i % 3], tuple(np.round(np.array(box) * k) / k),
+                                 (H, W)))
+    maps = box_maps(records, grid, 3)
+    for image_id, m in maps.items():
+        assert m.shape == (3, 6, 9) and m.dtype == torch.float32 and m[1].abs().max() == 0
+        for c in (0, 2):
+            expected = torch.zeros(6, 9, dtype=torch.float64)
+            for r in records:
+                if r.image_id == image_id and r.class_index == c:
+                    x, y, bw, bh = (round(v * k) for v in r.box)
+                    raster = torch.zeros(H * k, W * k, dtype=torch.float64)
+                    raster[y:y + bh, x:x + bw] = 1
+                    cover = torch.nn.functional.avg_pool2d(raster[None], (10 * k, 5 * k))[0]
+                    expected = torch.maximum(expected, cover)
+            torch.testing.assert_close(m[c].double(), expected, atol=1e-6, rtol=0)
+
+
+def test_grid_ceiling_in_the_report():
+    """Cell-aligned boxes are their own box maps: boxes drawn exactly (accuracy 1 up to T = 0.5, box area 1x the
+    truth's), the map peaks in every box, and the markdown report names the ceiling."""
+    from clarity_fast.evaluation import box_maps
+    records = [BoxRecord(f"img{i}", f"p{i}", i % 2, (8.0 * (i % 4), 8.0 * (i % 3), 24.0, 16.0), (64, 64))
+               for i in range(10)]
+    rep = localization_report(records, box_maps(records, (8, 8), 2), ["A", "B"])
+    assert all(rep["macro"][t] == 1.0 for t in ("0.1", "0.2", "0.3", "0.4", "0.5")) and rep["pointing_macro"] == 1.0
+    assert rep["box_area"]["A"]["predicted"] == pytest.approx(384, rel=0.3) and rep["box_area"]["A"]["truth"] == 384
+    text = markdown_report({"localization": rep, "grid_ceiling": rep})
+    assert "ceiling box area / truth" in text and "Ceiling: the ground-truth boxes on the grid" in text
+
+
 def test_box_cells_against_a_pixel_raster():
     """The cells a box overlaps against an independent reference: each cell and the box rasterised on the pixel
     grid, overlap = they share a pixel; random grids, cells of unequal height and width, integer boxes, some
