@@ -209,11 +209,12 @@ def box_maps(records: Sequence[BoxRecord], grid: Tuple[int, int], num_classes: i
     h, w = grid
     maps: Dict[str, torch.Tensor] = {}
     for r in records:
-        rows, cols = r.image_size[0] / h, r.image_size[1] / w  # cell size in pixels
+        cell_h, cell_w = r.image_size[0] / h, r.image_size[1] / w  # in pixels
         x, y, bw, bh = r.box
-        along_x = np.clip(np.minimum((np.arange(w) + 1) * cols, x + bw) - np.maximum(np.arange(w) * cols, x), 0, None)
-        along_y = np.clip(np.minimum((np.arange(h) + 1) * rows, y + bh) - np.maximum(np.arange(h) * rows, y), 0, None)
-        cover = torch.from_numpy(np.outer(along_y / rows, along_x / cols).astype(np.float32))
+        cx, cy = np.arange(w) * cell_w, np.arange(h) * cell_h  # cells' left and top edges
+        along_x = np.clip(np.minimum(cx + cell_w, x + bw) - np.maximum(cx, x), 0, None)
+        along_y = np.clip(np.minimum(cy + cell_h, y + bh) - np.maximum(cy, y), 0, None)
+        cover = torch.from_numpy(np.outer(along_y / cell_h, along_x / cell_w).astype(np.float32))
         m = maps.setdefault(r.image_id, torch.zeros(num_classes, h, w))
         m[r.class_index] = torch.maximum(m[r.class_index], cover)
     return maps
